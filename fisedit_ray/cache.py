@@ -1,0 +1,297 @@
+"""The activation cache: what sparse execution reads of a version, at every denoising step.
+
+Per step and per cache point (named after the U-Net module it feeds):
+- `norm_input`: the input of a group norm, as a token-major map `[B, cells, C]`, plus `:stats`, the
+  per-group sums and sums of squares of the stored values (float64, `[2, B, G]`);
+- `attn_key` / `attn_value`: a self-attention's keys and values `[B, cells, C]`;
+- `down_input` / `up_input`: the input of a downsampler or upsampler `[B, cells, C]`.
+Every other value sparse execution needs is recomputed from these (a conv halo that reads a group
+norm's output is normalised on the fly with the statistics of the version that computed the cell). The trajectory (latents before every step and the guided
+noise predictions) is kept in float32 so that an empty edit reproduces its parent bit for bit.
+
+A generation stores full maps. An edit stores a delta: the values at its active cells only, plus
+the new statistics, over its parent's cache.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fisedit_ray.kernels import group_norm_act, group_stats, group_sums, scatter_rows
+from fisedit_ray.unet_layout import ATTN_KEY, ATTN_VALUE, cache_points, tokens
+
+STATS = ":stats"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FORMAT_VERSION = 1
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, d in DTYPES.items():
+        if d == dtype:
+            return name
+    raise ValueError(f"cache storage dtype must be one of {sorted(DTYPES)}, got {dtype}")
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        dtype_name(dtype)
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"cache storage dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class ActivationCache:
+    storage_dtype: torch.dtype
+    sizes: list[tuple[int, int]]
+    kinds: dict[str, str] = field(default_factory=dict)
+    levels: dict[str, int] = field(default_factory=dict)
+    steps: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    latents: list[torch.Tensor] = field(default_factory=list)
+    noise_preds: list[torch.Tensor] = field(default_factory=list)
+    parent: ActivationCache | None = None
+    cells: tuple[torch.Tensor, ...] | None = None
+    _rank: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def delta_of(cls, parent: ActivationCache, cells: tuple[torch.Tensor, ...]) -> ActivationCache:
+        return cls(
+            parent.storage_dtype,
+            list(parent.sizes),
+            dict(parent.kinds),
+            dict(parent.levels),
+            parent=parent,
+            cells=tuple(c.cpu() for c in cells),
+        )
+
+    @property
+    def is_delta(self) -> bool:
+        return self.parent is not None
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    def store(self, values: torch.Tensor) -> torch.Tensor:
+        return values.detach().to(self.storage_dtype).contiguous()
+
+    def rank(self, level: int) -> torch.Tensor:
+        if self._rank is None:
+            ranks = []
+            for size, cells in zip(self.sizes, self.cells):
+                r = torch.full((size[0] * size[1],), -1, dtype=torch.long)
+                r[cells] = torch.arange(len(cells))
+                ranks.append(r)
+            self._rank = tuple(ranks)
+        return self._rank[level]
+
+    def reader(self, step: int, device: torch.device | str = "cpu", dtype=torch.float32) -> CacheReader:
+        return CacheReader(self, step, torch.device(device), dtype)
+
+    # ---- byte accounting ----------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor under the name it is saved with."""
+        out = {f"step{i:04d}/{k}": t for i, step in enumerate(self.steps) for k, t in step.items()}
+        out.update({f"latents/{i:04d}": t for i, t in enumerate(self.latents)})
+        out.update({f"noise_pred/{i:04d}": t for i, t in enumerate(self.noise_preds)})
+        if self.cells is not None:
+            out.update({f"cells/{i}": c for i, c in enumerate(self.cells)})
+        return out
+
+    def byte_stats(self) -> dict:
+        per_kind: dict[str, int] = defaultdict(int)
+        per_step = []
+        for step in self.steps:
+            total = 0
+            for key, t in step.items():
+                kind = "group_stats" if key.endswith(STATS) else self.kinds[key]
+                per_kind[kind] += t.nbytes
+                total += t.nbytes
+            per_step.append(total)
+        trajectory = sum(t.nbytes for t in self.latents) + sum(t.nbytes for t in self.noise_preds)
+        cells = sum(c.nbytes for c in self.cells) if self.cells is not None else 0
+        per_kind["trajectory"] = trajectory
+        if cells:
+            per_kind["cells"] = cells
+        return {
+            "total": sum(per_step) + trajectory + cells,
+            "per_step": per_step,
+            "per_kind": dict(per_kind),
+            "storage_dtype": dtype_name(self.storage_dtype),
+            "delta": self.is_delta,
+        }
+
+    # ---- persistence --------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT_VERSION,
+            "storage_dtype": dtype_name(self.storage_dtype),
+            "sizes": [list(s) for s in self.sizes],
+            "kinds": self.kinds,
+            "levels": self.levels,
+            "num_steps": self.num_steps,
+            "delta": self.is_delta,
+        }
+        trajectory = {f"latents/{i:04d}": t for i, t in enumerate(self.latents)}
+        trajectory.update({f"noise_pred/{i:04d}": t for i, t in enumerate(self.noise_preds)})
+        if self.cells is not None:
+            trajectory.update({f"cells/{i}": c for i, c in enumerate(self.cells)})
+        save_file({k: v.contiguous() for k, v in trajectory.items()}, folder / "trajectory.safetensors")
+        for i, step in enumerate(self.steps):
+            save_file(step, folder / f"step{i:04d}.safetensors")
+        (folder / "cache.json").write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, folder: str | Path, parent: ActivationCache | None = None) -> ActivationCache:
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "cache.json").read_text())
+            if meta.get("format") != FORMAT_VERSION:
+                raise ValueError(f"unsupported cache format {meta.get('format')!r}")
+            if meta["delta"] and parent is None:
+                raise ValueError("this cache is a delta and needs its parent's cache")
+            trajectory = load_file(folder / "trajectory.safetensors")
+            steps = [load_file(folder / f"step{i:04d}.safetensors") for i in range(meta["num_steps"])]
+        except (OSError, KeyError, json.JSONDecodeError, ValueError) as e:
+            raise ValueError(f"cannot load the activation cache in {folder}: {e}") from e
+        cells = None
+        if meta["delta"]:
+            cells = tuple(trajectory[f"cells/{i}"] for i in range(len(meta["sizes"])))
+        return cls(
+            DTYPES[meta["storage_dtype"]],
+            [tuple(s) for s in meta["sizes"]],
+            meta["kinds"],
+            {k: int(v) for k, v in meta["levels"].items()},
+            steps,
+            [trajectory[f"latents/{i:04d}"] for i in range(meta["num_steps"] + 1)],
+            [trajectory[f"noise_pred/{i:04d}"] for i in range(meta["num_steps"])],
+            parent=parent,
+            cells=cells,
+        )
+
+
+class CacheReader:
+    """A version's cached values at one step, in compute dtype and device, through its delta chain."""
+
+    def __init__(self, cache: ActivationCache, step: int, device: torch.device, dtype: torch.dtype):
+        self.cache, self.step, self.device, self.dtype = cache, step, device, dtype
+        self.parent = cache.parent.reader(step, device, dtype) if cache.parent is not None else None
+
+    def _stored(self, key: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        stored = self.cache.steps[self.step][key]
+        if rows is not None:
+            stored = stored[:, rows.to(stored.device)]
+        return stored.to(self.device, self.dtype, non_blocking=True)
+
+    def gather(self, key: str, cells: torch.Tensor) -> torch.Tensor:
+        """Values at `cells` (flat indices of the key's level): `[B, len(cells), C]`."""
+        if self.parent is None:
+            return self._stored(key, cells)
+        values = self.parent.gather(key, cells)
+        rank = self.cache.rank(self.cache.levels[key])[cells.cpu()]
+        own = rank >= 0
+        if own.any():
+            values[:, own.to(self.device)] = self._stored(key, rank[own])
+        return values
+
+    def gather_normalized(self, key: str, cells: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool):
+        """The output of group norm `norm` (+ SiLU) at `cells`, as this version computed it.
+
+        Along a delta chain each cell is normalised with the statistics of the version that last
+        recomputed it: outside an edit's mask its norm output is its parent's, not a renormalisation
+        of the parent's input under the edit's statistics.
+        """
+        if self.parent is None:
+            return self._normalize(key, cells, norm, silu)
+        values = self.parent.gather_normalized(key, cells, norm, silu)
+        rank = self.cache.rank(self.cache.levels[key])[cells.cpu()]
+        own = rank >= 0
+        if own.any():
+            values[:, own.to(self.device)] = self._normalize(key, rank[own], norm, silu)
+        return values
+
+    def _normalize(self, key: str, rows: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool):
+        x = self._stored(key, rows)
+        h, w = self.cache.sizes[self.cache.levels[key]]
+        mean, rstd = group_stats(self.stats(key), h * w * x.shape[-1] // norm.num_groups, norm.eps)
+        return group_norm_act(x, mean, rstd, norm.weight, norm.bias, silu)
+
+    def full(self, key: str) -> torch.Tensor:
+        """The whole map `[B, cells, C]` (a fresh tensor the caller may modify)."""
+        if self.parent is None:
+            return self._stored(key).clone()
+        cells = self.cache.cells[self.cache.levels[key]].to(self.device)
+        return scatter_rows(self.parent.full(key), cells, self._stored(key))
+
+    def stats(self, key: str) -> torch.Tensor:
+        return self.cache.steps[self.step][key + STATS].to(self.device)
+
+
+class CacheRecorder:
+    """Forward hooks that record a dense U-Net pass into the cache (read only: outputs unchanged).
+
+    Into a delta cache it records the values at the delta's active cells and whole-map statistics."""
+
+    def __init__(self, unet: torch.nn.Module, cache: ActivationCache):
+        self.cache = cache
+        self.current: dict[str, torch.Tensor] | None = None
+        self.handles = []
+        for key, kind, module, groups in cache_points(unet):
+            if kind in (ATTN_KEY, ATTN_VALUE):
+                hook = self._output_hook(key, kind)
+                self.handles.append(module.register_forward_hook(hook))
+            else:
+                hook = self._input_hook(key, kind, groups)
+                self.handles.append(module.register_forward_pre_hook(hook))
+
+    def _put(self, key: str, kind: str, tokens: torch.Tensor, groups: int | None) -> None:
+        if self.current is None:
+            return
+        level = self.cache.sizes.index(self._size_of(tokens))
+        stored = self.cache.store(tokens)
+        self.cache.kinds[key] = kind
+        self.cache.levels[key] = level
+        if groups is not None:
+            self.current[key + STATS] = group_sums(stored, groups)
+        if self.cache.cells is not None:  # a delta keeps the active cells only
+            stored = stored[:, self.cache.cells[level].to(stored.device)]
+        self.current[key] = stored
+
+    def _size_of(self, tokens: torch.Tensor) -> tuple[int, int]:
+        for size in self.cache.sizes:
+            if size[0] * size[1] == tokens.shape[1]:
+                return size
+        raise RuntimeError(f"no U-Net level has {tokens.shape[1]} cells")
+
+    def _input_hook(self, key, kind, groups):
+        def hook(module, args):
+            self._put(key, kind, tokens(args[0]), groups)
+
+        return hook
+
+    def _output_hook(self, key, kind):
+        def hook(module, args, output):
+            self._put(key, kind, output, None)
+
+        return hook
+
+    def begin_step(self) -> None:
+        self.current = {}
+
+    def end_step(self) -> None:
+        self.cache.steps.append(self.current)
+        self.current = None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()

@@ -1,0 +1,404 @@
+"""The edit engine: cached generation, and edits in three modes (dense, reference, sparse).
+
+A generation runs the diffusers U-Net step by step exactly as `StableDiffusionPipeline` does and
+records the activation cache. An edit keeps its parent's seed, scheduler, steps, guidance and size,
+and recomputes only the masked region at every step (see docs in DESIGN.md: the masked-dense
+reference defines the result; the sparse engine must match it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import diffusers
+from diffusers import StableDiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from fisedit_ray.cache import ActivationCache, CacheRecorder, parse_dtype
+from fisedit_ray.macs import count_macs
+from fisedit_ray.masks import MaskLike, MaskPyramid, to_latent_mask
+from fisedit_ray.models import load_pipeline
+from fisedit_ray.reference import LockstepHooks
+from fisedit_ray.sparse_unet import GatherPlans, SparseUNet
+
+Mode = Literal["sparse", "reference", "dense"]
+MODES = ("sparse", "reference", "dense")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a generation fixes for all its edits."""
+
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    negative_prompt: str | None
+    scheduler: dict
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Version:
+    """One image of a session: a generation (no parent) or an edit of its parent."""
+
+    prompt: str
+    settings: Settings
+    mode: str
+    latents: torch.Tensor
+    image: Image.Image | None
+    cache: ActivationCache
+    stats: dict
+    parent: Version | None = None
+    mask: torch.Tensor | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    def lineage(self) -> list[Version]:
+        """This version and its ancestors, root first."""
+        chain = [self]
+        while chain[-1].parent is not None:
+            chain.append(chain[-1].parent)
+        return chain[::-1]
+
+
+@dataclass
+class _Trajectory:
+    """One version's denoising state while it runs."""
+
+    embeds: torch.Tensor
+    pyramid: MaskPyramid | None
+    scheduler: object
+    latents: torch.Tensor
+    step_kwargs: dict
+
+
+class EditEngine:
+    """Generates images with a recorded activation cache and edits them sparsely."""
+
+    def __init__(self, pipe: StableDiffusionPipeline, *, cache_dtype: torch.dtype | str = torch.float32):
+        self.pipe = pipe
+        self.sparse_unet = SparseUNet(pipe.unet)
+        self.cache_dtype = parse_dtype(cache_dtype)
+        pipe.set_progress_bar_config(disable=True)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str = "tiny",
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        cache_dtype: torch.dtype | str | None = None,
+    ) -> EditEngine:
+        pipe = load_pipeline(name_or_path, dtype).to(device)
+        return cls(pipe, cache_dtype=cache_dtype or dtype)
+
+    @classmethod
+    def from_pipeline(
+        cls, pipe: StableDiffusionPipeline, *, cache_dtype: torch.dtype | str | None = None
+    ) -> EditEngine:
+        return cls(pipe, cache_dtype=cache_dtype or pipe.unet.dtype)
+
+    # ---- properties ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.unet.dtype
+
+    @property
+    def vae_scale(self) -> int:
+        return self.pipe.vae_scale_factor
+
+    def latent_size(self, settings: Settings) -> tuple[int, int]:
+        return settings.height // self.vae_scale, settings.width // self.vae_scale
+
+    # ---- public API ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str,
+        *,
+        seed: int = 0,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        negative_prompt: str | None = None,
+        output_type: str = "pil",
+    ) -> Version:
+        settings = self._settings(seed, num_inference_steps, guidance_scale, height, width, negative_prompt)
+        seconds = {}
+        start = time.perf_counter()
+        embeds = self._encode(prompt, settings)
+        seconds["text_encode"] = time.perf_counter() - start
+        cache = self._new_cache(settings)
+        macs = self._run_dense([_spec(embeds, None)], settings, cache)
+        seconds["dense_steps"] = time.perf_counter() - start - seconds["text_encode"]
+        latents = cache.latents[-1]
+        image = self._decode(latents, output_type, seconds)
+        seconds["total"] = time.perf_counter() - start
+        stats = {
+            "mode": "generate",
+            "macs_executed": macs["executed"],
+            "macs_dense": macs["dense"],
+            "unet_macs_per_step": macs["per_step"],
+            "seconds": seconds,
+            "cache_bytes": cache.byte_stats(),
+        }
+        return Version(prompt, settings, "generate", latents, image, cache, stats)
+
+    @torch.no_grad()
+    def edit(
+        self,
+        parent: Version,
+        prompt: str,
+        *,
+        mask: MaskLike,
+        mode: Mode = "sparse",
+        output_type: str = "pil",
+    ) -> Version:
+        """Edit `parent` with a new prompt inside `mask` (see `to_latent_mask` for what it accepts)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        settings = parent.settings
+        start = time.perf_counter()
+        seconds = {}
+        latent_mask = to_latent_mask(mask, self.latent_size(settings), self.vae_scale)
+        pyramid = MaskPyramid.build(latent_mask, self.sparse_unet.level_sizes(latent_mask.shape))
+        seconds["mask"] = time.perf_counter() - start
+        embeds = self._encode(prompt, settings)
+        seconds["text_encode"] = time.perf_counter() - start - seconds["mask"]
+        phase_start = time.perf_counter()
+        if mode == "dense":
+            cache = self._new_cache(settings)
+            macs = self._run_dense([_spec(embeds, None)], settings, cache)
+            seconds["dense_steps"] = time.perf_counter() - phase_start
+        elif mode == "reference":
+            chain = _dense_lineage(parent)
+            specs = [_spec(self._encode(v.prompt, settings), _pyramid_of(v, self)) for v in chain]
+            cache = ActivationCache.delta_of(parent.cache, pyramid.cells)
+            macs = self._run_dense([*specs, _spec(embeds, pyramid)], settings, cache)
+            seconds["reference_steps"] = time.perf_counter() - phase_start
+        else:
+            cache, macs = self._run_sparse(parent, embeds, pyramid)
+            seconds["sparse_steps"] = time.perf_counter() - phase_start
+        latents = cache.latents[-1]
+        image = self._decode(latents, output_type, seconds)
+        if image is not None and mode != "dense" and parent.image is not None:
+            image = _composite(image, parent.image, latent_mask, self.vae_scale)
+        seconds["total"] = time.perf_counter() - start
+        stats = {
+            "mode": mode,
+            "mask_ratio": pyramid.ratio,
+            "macs_executed": macs["executed"],
+            "macs_dense": macs["dense"],
+            "unet_macs_per_step": macs["per_step"],
+            "seconds": seconds,
+            "cache_bytes": cache.byte_stats(),
+        }
+        return Version(prompt, settings, mode, latents, image, cache, stats, parent, latent_mask)
+
+    # ---- pieces -------------------------------------------------------------------------------
+    def _settings(self, seed, steps, guidance, height, width, negative_prompt) -> Settings:
+        default = self.pipe.unet.config.sample_size * self.vae_scale
+        height, width = height or default, width or default
+        for name, value in (("height", height), ("width", width)):
+            if value % self.vae_scale:
+                raise ValueError(f"{name} must be a multiple of {self.vae_scale}, got {value}")
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
+        return Settings(
+            int(seed),
+            int(steps),
+            float(guidance),
+            int(height),
+            int(width),
+            negative_prompt,
+            dict(self.pipe.scheduler.config),
+        )
+
+    def _encode(self, prompt: str, settings: Settings) -> torch.Tensor:
+        cfg = settings.guidance_scale > 1.0
+        positive, negative = self.pipe.encode_prompt(
+            prompt, self.device, 1, cfg, settings.negative_prompt
+        )
+        return torch.cat([negative, positive]) if cfg else positive
+
+    def _start(self, spec: dict, settings: Settings) -> _Trajectory:
+        """A fresh scheduler and generator and the initial noise, as the pipeline prepares them."""
+        scheduler_class = getattr(diffusers, settings.scheduler.get("_class_name", ""), None)
+        scheduler_class = scheduler_class or type(self.pipe.scheduler)
+        scheduler = scheduler_class.from_config(settings.scheduler)
+        scheduler.set_timesteps(settings.num_inference_steps, device=self.device)
+        generator = torch.Generator("cpu").manual_seed(settings.seed)
+        h, w = self.latent_size(settings)
+        shape = (1, self.pipe.unet.config.in_channels, h, w)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=spec["embeds"].dtype)
+        latents = latents * scheduler.init_noise_sigma
+        accepted = set(inspect.signature(scheduler.step).parameters)
+        step_kwargs = {"generator": generator} if "generator" in accepted else {}
+        if "eta" in accepted:
+            step_kwargs["eta"] = 0.0
+        pyramid = spec["pyramid"].to(self.device) if spec["pyramid"] is not None else None
+        return _Trajectory(spec["embeds"], pyramid, scheduler, latents, step_kwargs)
+
+    def _model_input(self, run: _Trajectory, t) -> torch.Tensor:
+        x = torch.cat([run.latents] * 2) if run.embeds.shape[0] == 2 else run.latents
+        return run.scheduler.scale_model_input(x, t)
+
+    @staticmethod
+    def _guide(noise: torch.Tensor, settings: Settings) -> torch.Tensor:
+        if noise.shape[0] == 1:
+            return noise
+        uncond, text = noise.chunk(2)
+        return uncond + settings.guidance_scale * (text - uncond)
+
+    def _new_cache(self, settings: Settings) -> ActivationCache:
+        return ActivationCache(self.cache_dtype, self.sparse_unet.level_sizes(self.latent_size(settings)))
+
+    def _run_dense(self, specs: list[dict], settings: Settings, cache: ActivationCache) -> dict:
+        """Run versions in lockstep: the first densely, each next one overwritten outside its mask by
+        the one before (the masked-dense reference). Records the last one into `cache`."""
+        unet = self.pipe.unet
+        runs = [self._start(spec, settings) for spec in specs]
+        hooks = LockstepHooks(unet, cache.sizes) if len(runs) > 1 else None
+        recorder = CacheRecorder(unet, cache)  # after the lockstep hooks: it must see mixed values
+        per_run_macs = []
+        try:
+            for i, t in enumerate(runs[0].scheduler.timesteps):
+                replay = None
+                for j, run in enumerate(runs):
+                    last = j == len(runs) - 1
+                    if hooks is not None:
+                        hooks.begin(replay, run.pyramid)
+                    if last:
+                        cache.latents.append(run.latents)
+                        recorder.begin_step()
+                    x = self._model_input(run, t)
+
+                    def forward(x=x, run=run):
+                        return unet(x, t, encoder_hidden_states=run.embeds, return_dict=False)[0]
+
+                    if i == 0:  # every step runs the same shapes: count the first
+                        noise, macs = count_macs(forward)
+                        per_run_macs.append(macs)
+                    else:
+                        noise = forward()
+                    if hooks is not None:
+                        replay = hooks.recorded
+                    noise = self._guide(noise, settings)
+                    if last:
+                        recorder.end_step()
+                        cache.noise_preds.append(noise)
+                    stepped = run.scheduler.step(noise, t, run.latents, **run.step_kwargs, return_dict=False)[0]
+                    if j > 0:  # outside the mask the scheduler keeps the parent's latents
+                        inside = run.pyramid.masks[0][None, None]
+                        stepped = torch.where(inside, stepped, runs[j - 1].latents)
+                    run.latents = stepped
+            cache.latents.append(runs[-1].latents)
+        finally:
+            recorder.remove()
+            if hooks is not None:
+                hooks.remove()
+        steps = settings.num_inference_steps
+        return {
+            "executed": sum(per_run_macs) * steps,
+            "dense": per_run_macs[-1] * steps,
+            "per_step": per_run_macs[-1],
+        }
+
+    def _run_sparse(
+        self, parent: Version, embeds: torch.Tensor, pyramid: MaskPyramid
+    ) -> tuple[ActivationCache, dict]:
+        settings = parent.settings
+        cache = ActivationCache.delta_of(parent.cache, pyramid.cells)
+        dense_per_step = parent.stats["unet_macs_per_step"]
+        steps = settings.num_inference_steps
+        if pyramid.empty:  # nothing to recompute: the parent, bit for bit
+            cache.latents = list(parent.cache.latents)
+            cache.noise_preds = list(parent.cache.noise_preds)
+            cache.steps = [{} for _ in range(steps)]
+            return cache, {"executed": 0, "dense": dense_per_step * steps, "per_step": dense_per_step}
+        run = self._start(_spec(embeds, pyramid), settings)
+        plans = GatherPlans(pyramid, self.device)
+        inside = run.pyramid.masks[0][None, None]
+        cells = run.pyramid.cells[0]
+        executed = 0
+        for i, t in enumerate(run.scheduler.timesteps):
+            cache.latents.append(run.latents)
+            record: dict[str, torch.Tensor] = {}
+            reader = parent.cache.reader(i, self.device, self.dtype)
+            x = self._model_input(run, t)
+
+            def forward(x=x, reader=reader, record=record):
+                return self.sparse_unet(x, t, run.embeds, reader, plans, record, cache)
+
+            if i == 0:  # every step runs the same shapes: count the first
+                active, executed = count_macs(forward)
+            else:
+                active = forward()
+            guided_active = self._guide(active, settings)  # [1, N, C]
+            noise = parent.cache.noise_preds[i].to(self.device).clone()
+            c = noise.shape[1]
+            noise.view(1, c, -1)[:, :, cells] = guided_active.transpose(1, 2).to(noise.dtype)
+            cache.steps.append(record)
+            cache.noise_preds.append(noise)
+            stepped = run.scheduler.step(noise, t, run.latents, **run.step_kwargs, return_dict=False)[0]
+            run.latents = torch.where(inside, stepped, parent.cache.latents[i + 1].to(self.device))
+        cache.latents.append(run.latents)
+        return cache, {"executed": executed * steps, "dense": dense_per_step * steps, "per_step": dense_per_step}
+
+    def _decode(self, latents: torch.Tensor, output_type: str, seconds: dict) -> Image.Image | None:
+        if output_type == "latent":
+            return None
+        if output_type != "pil":
+            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        start = time.perf_counter()
+        vae = self.pipe.vae
+        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        image = self.pipe.image_processor.postprocess(image, output_type="pil")[0]
+        seconds["decode"] = time.perf_counter() - start
+        return image
+
+
+def _spec(embeds: torch.Tensor, pyramid: MaskPyramid | None) -> dict:
+    return {"embeds": embeds, "pyramid": pyramid}
+
+
+def _dense_lineage(version: Version) -> list[Version]:
+    """The versions the reference recomputes: back to the nearest one computed densely."""
+    chain = version.lineage()
+    start = max(i for i, v in enumerate(chain) if v.mode in ("generate", "dense"))
+    return chain[start:]
+
+
+def _pyramid_of(version: Version, engine: EditEngine) -> MaskPyramid | None:
+    if version.mode in ("generate", "dense"):
+        return None
+    return MaskPyramid.build(version.mask, engine.sparse_unet.level_sizes(version.mask.shape))
+
+
+def _composite(image: Image.Image, parent: Image.Image, mask: torch.Tensor, scale: int, margin: int = 2):
+    """The parent's pixels outside the mask grown by `margin` latent cells: the decoder sees all
+    latents, so far from the edit it would otherwise change pixels by rounding noise."""
+    grown = F.max_pool2d(mask[None, None].float(), 2 * margin + 1, stride=1, padding=margin)[0, 0] > 0
+    keep_new = grown.cpu().numpy().repeat(scale, 0).repeat(scale, 1)[..., None]
+    out = np.where(keep_new, np.asarray(image.convert("RGB")), np.asarray(parent.convert("RGB")))
+    return Image.fromarray(out.astype(np.uint8))
+
+
+__all__ = ["EditEngine", "Settings", "Version"]

@@ -1,0 +1,162 @@
+"""Model loading: the embedded "tiny" default, local diffusers folders, and hub ids on a user's machine.
+
+"tiny" is built from explicit configs with seeded weights and a word-level tokenizer made with the
+`tokenizers` library, so tests and the default run never download anything.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+BOS, EOS, PAD, UNK = "<|startoftext|>", "<|endoftext|>", "<pad>", "<unk>"
+
+# The words of the synthetic scenes grammar plus common prompt words; anything else maps to <unk>.
+VOCABULARY = """
+a an the and at of in on with under over near by to from is are this that it its
+top bottom left right center middle corner background foreground
+red green blue yellow purple white black orange pink brown gray grey
+circle square triangle star heart cross ring dot shape object objects
+small big large tiny huge bright dark light
+cabin house tree trees woods forest mountain mountains lake river sea sky sun moon stars
+fireworks snow rain night day sunset sunrise cat dog bird car boat person people city street
+photo painting drawing picture style
+""".split()
+
+# Explicit configs of the embedded models. "sd1" mirrors Stable Diffusion 1.x (conv projections, one
+# head size), "sd2" mirrors 2.x (linear projections, per-level head sizes, three levels).
+TINY_UNET_CONFIGS: dict[str, dict[str, Any]] = {
+    "sd1": dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ),
+    "sd2": dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 48, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(4, 8, 8),
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=16,
+    ),
+}
+
+TINY_VAE_CONFIG: dict[str, Any] = dict(
+    block_out_channels=(32, 64),
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=32,
+)
+
+SD_SCHEDULER_CONFIG: dict[str, Any] = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+def build_tokenizer(max_length: int = 77) -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate([PAD, UNK, BOS, EOS, *dict.fromkeys(VOCABULARY)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        model_max_length=max_length,
+    )
+
+
+def build_tiny_pipeline(variant: str = "sd1", seed: int = 0, scheduler=None) -> StableDiffusionPipeline:
+    """The embedded model: deterministic configs and seeded weights; identical on every machine."""
+    if variant not in TINY_UNET_CONFIGS:
+        raise ValueError(f"unknown tiny variant {variant!r}; choose one of {sorted(TINY_UNET_CONFIGS)}")
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIGS[variant])
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=5,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            layer_norm_eps=1e-5,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler or DDIMScheduler(**SD_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(torch.float32)
+
+
+def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """`tiny` / `tiny-sd2`: the embedded models; otherwise a diffusers Stable Diffusion folder or hub id."""
+    if name_or_path in ("tiny", "tiny-sd1"):
+        pipe = build_tiny_pipeline("sd1")
+    elif name_or_path == "tiny-sd2":
+        pipe = build_tiny_pipeline("sd2")
+    else:
+        local = os.path.isdir(name_or_path)
+        if not local and name_or_path.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"model folder {name_or_path!r} does not exist")
+        pipe = StableDiffusionPipeline.from_pretrained(
+            name_or_path,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            local_files_only=local,
+        )
+        pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)

@@ -1,0 +1,56 @@
+"""Index plans for gathering conv neighbourhoods of active cells, and row scatter."""
+
+from __future__ import annotations
+
+import torch
+
+
+def conv_input_positions(
+    out_cells: torch.Tensor,
+    out_width: int,
+    in_size: tuple[int, int],
+    kernel: int,
+    stride: int,
+    padding: int,
+) -> torch.Tensor:
+    """Flat input-grid index of every kernel tap of every output cell, -1 where it falls in padding.
+
+    Returns `[len(out_cells), kernel * kernel]`, taps in row-major (ky, kx) order, which is the order
+    of `conv_weight_matrix`.
+    """
+    in_h, in_w = in_size
+    oy, ox = out_cells // out_width, out_cells % out_width
+    k = torch.arange(kernel, device=out_cells.device)
+    iy = (oy * stride - padding)[:, None, None] + k[None, :, None]
+    ix = (ox * stride - padding)[:, None, None] + k[None, None, :]
+    inside = (iy >= 0) & (iy < in_h) & (ix >= 0) & (ix < in_w)
+    flat = torch.where(inside, iy * in_w + ix, torch.full_like(iy, -1))
+    return flat.reshape(len(out_cells), kernel * kernel)
+
+
+def gather_plan(positions: torch.Tensor, source_rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the source cells a gather reads into active ones and halo ones.
+
+    `positions` holds source-grid cells (-1 for zero padding); `source_rank[cell]` is the cell's row in
+    the active values, or -1 if the cell is inactive. Returns `(index, halo_cells)`: `index` addresses
+    rows of `cat([active, halo, zero_row])`, `halo_cells` lists the inactive source cells read, whose
+    values come from the cache.
+    """
+    n_active = int((source_rank >= 0).sum())
+    valid = positions >= 0
+    safe = positions.clamp(min=0)
+    rank = torch.where(valid, source_rank[safe], torch.full_like(safe, -1))
+    is_halo = valid & (rank < 0)
+    halo_cells, halo_rank = torch.unique(positions[is_halo], return_inverse=True)
+    zero_row = n_active + len(halo_cells)
+    index = torch.full_like(positions, zero_row)
+    index[valid & ~is_halo] = rank[valid & ~is_halo]
+    index[is_halo] = n_active + halo_rank
+    return index, halo_cells
+
+
+def scatter_rows(base: torch.Tensor, cells: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`base` `[B, L, C]` with rows `cells` replaced by `values` `[B, N, C]` (out of place)."""
+    out = base.clone()
+    out[:, cells] = values.to(out.dtype)
+    return out

@@ -1,0 +1,42 @@
+"""Group norm on active cells with exact statistics of the whole (mixed) map.
+
+Statistics are kept as per-group sums and sums of squares in float64: sums add up, so the mixed map's
+statistics are the parent's sums minus the parent's active cells plus the new active cells.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_sums(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """`[2, B, G]` float64: per-group sum and sum of squares of `x` `[B, N, C]`."""
+    b, n, c = x.shape
+    g = x.reshape(b, n, groups, c // groups).to(torch.float64)
+    return torch.stack([g.sum(dim=(1, 3)), g.square().sum(dim=(1, 3))])
+
+
+def group_stats(sums: torch.Tensor, count: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and reciprocal standard deviation (biased variance, as `torch.group_norm`)."""
+    mean = sums[0] / count
+    var = (sums[1] / count - mean.square()).clamp(min=0)
+    return mean, torch.rsqrt(var + eps)
+
+
+def group_norm_act(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    silu: bool,
+) -> torch.Tensor:
+    """Normalise `x` `[B, N, C]` with per-group `mean`/`rstd` `[B, G]`, affine, optional SiLU."""
+    b, n, c = x.shape
+    groups = mean.shape[1]
+    scale = rstd.to(x.dtype).repeat_interleave(c // groups, dim=1)
+    shift = (-mean * rstd).to(x.dtype).repeat_interleave(c // groups, dim=1)
+    if weight is not None:
+        scale, shift = scale * weight, shift * weight + bias
+    y = torch.addcmul(shift[:, None, :], x, scale[:, None, :])
+    return torch.nn.functional.silu(y) if silu else y
