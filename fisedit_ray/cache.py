@@ -5,9 +5,10 @@ Per step and per cache point (named after the U-Net module it feeds):
   per-group sums and sums of squares of the stored values (float64, `[2, B, G]`);
 - `attn_key` / `attn_value`: a self-attention's keys and values `[B, cells, C]`;
 - `down_input` / `up_input`: the input of a downsampler or upsampler `[B, cells, C]`.
-Every other value sparse execution needs is recomputed from these (a conv halo that reads a group
-norm's output is normalised on the fly with the statistics of the version that computed the cell). The trajectory (latents before every step and the guided
-noise predictions) is kept in float32 so that an empty edit reproduces its parent bit for bit.
+Every other value sparse execution needs is recomputed from these: a conv halo that reads a group
+norm's output is normalised on the fly with the statistics of the version that computed the cell.
+The trajectory (latents before every step and the guided noise predictions) is kept in float32 so
+that an empty edit reproduces its parent bit for bit.
 
 A generation stores full maps. An edit stores a delta: the values at its active cells only, plus
 the new statistics, over its parent's cache.
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fisedit_ray.kernels import group_norm_act, group_stats, group_sums, scatter_rows
@@ -86,7 +88,7 @@ class ActivationCache:
     def rank(self, level: int) -> torch.Tensor:
         if self._rank is None:
             ranks = []
-            for size, cells in zip(self.sizes, self.cells):
+            for size, cells in zip(self.sizes, self.cells, strict=True):
                 r = torch.full((size[0] * size[1],), -1, dtype=torch.long)
                 r[cells] = torch.arange(len(cells))
                 ranks.append(r)
@@ -162,7 +164,7 @@ class ActivationCache:
                 raise ValueError("this cache is a delta and needs its parent's cache")
             trajectory = load_file(folder / "trajectory.safetensors")
             steps = [load_file(folder / f"step{i:04d}.safetensors") for i in range(meta["num_steps"])]
-        except (OSError, KeyError, json.JSONDecodeError, ValueError) as e:
+        except (OSError, KeyError, json.JSONDecodeError, ValueError, SafetensorError) as e:
             raise ValueError(f"cannot load the activation cache in {folder}: {e}") from e
         cells = None
         if meta["delta"]:
@@ -192,6 +194,10 @@ class CacheReader:
         if rows is not None:
             stored = stored[:, rows.to(stored.device)]
         return stored.to(self.device, self.dtype, non_blocking=True)
+
+    def _inherits(self, key: str) -> bool:
+        """Whether this step of a delta left `key` entirely to the parent (an empty edit)."""
+        return self.parent is not None and key not in self.cache.steps[self.step]
 
     def gather(self, key: str, cells: torch.Tensor) -> torch.Tensor:
         """Values at `cells` (flat indices of the key's level): `[B, len(cells), C]`."""
@@ -230,10 +236,14 @@ class CacheReader:
         """The whole map `[B, cells, C]` (a fresh tensor the caller may modify)."""
         if self.parent is None:
             return self._stored(key).clone()
+        if self._inherits(key):
+            return self.parent.full(key)
         cells = self.cache.cells[self.cache.levels[key]].to(self.device)
         return scatter_rows(self.parent.full(key), cells, self._stored(key))
 
     def stats(self, key: str) -> torch.Tensor:
+        if self._inherits(key):
+            return self.parent.stats(key)
         return self.cache.steps[self.step][key + STATS].to(self.device)
 
 

@@ -12,12 +12,13 @@ import inspect
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Literal
 
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
-import diffusers
 from diffusers import StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -233,9 +234,7 @@ class EditEngine:
 
     def _encode(self, prompt: str, settings: Settings) -> torch.Tensor:
         cfg = settings.guidance_scale > 1.0
-        positive, negative = self.pipe.encode_prompt(
-            prompt, self.device, 1, cfg, settings.negative_prompt
-        )
+        positive, negative = self.pipe.encode_prompt(prompt, self.device, 1, cfg, settings.negative_prompt)
         return torch.cat([negative, positive]) if cfg else positive
 
     def _start(self, spec: dict, settings: Settings) -> _Trajectory:
@@ -289,22 +288,17 @@ class EditEngine:
                         cache.latents.append(run.latents)
                         recorder.begin_step()
                     x = self._model_input(run, t)
-
-                    def forward(x=x, run=run):
-                        return unet(x, t, encoder_hidden_states=run.embeds, return_dict=False)[0]
-
-                    if i == 0:  # every step runs the same shapes: count the first
-                        noise, macs = count_macs(forward)
+                    forward = partial(unet, x, t, encoder_hidden_states=run.embeds, return_dict=False)
+                    (noise,), macs = _run_counted(forward, count=i == 0)
+                    if i == 0:
                         per_run_macs.append(macs)
-                    else:
-                        noise = forward()
                     if hooks is not None:
                         replay = hooks.recorded
                     noise = self._guide(noise, settings)
                     if last:
                         recorder.end_step()
                         cache.noise_preds.append(noise)
-                    stepped = run.scheduler.step(noise, t, run.latents, **run.step_kwargs, return_dict=False)[0]
+                    stepped = run.scheduler.step(noise, t, run.latents, **run.step_kwargs).prev_sample
                     if j > 0:  # outside the mask the scheduler keeps the parent's latents
                         inside = run.pyramid.masks[0][None, None]
                         stepped = torch.where(inside, stepped, runs[j - 1].latents)
@@ -314,12 +308,8 @@ class EditEngine:
             recorder.remove()
             if hooks is not None:
                 hooks.remove()
-        steps = settings.num_inference_steps
-        return {
-            "executed": sum(per_run_macs) * steps,
-            "dense": per_run_macs[-1] * steps,
-            "per_step": per_run_macs[-1],
-        }
+        steps = len(runs[0].scheduler.timesteps)  # PNDM evaluates the U-Net once more than asked
+        return _macs(sum(per_run_macs), per_run_macs[-1], steps)
 
     def _run_sparse(
         self, parent: Version, embeds: torch.Tensor, pyramid: MaskPyramid
@@ -327,40 +317,36 @@ class EditEngine:
         settings = parent.settings
         cache = ActivationCache.delta_of(parent.cache, pyramid.cells)
         dense_per_step = parent.stats["unet_macs_per_step"]
-        steps = settings.num_inference_steps
+        steps = parent.cache.num_steps
         if pyramid.empty:  # nothing to recompute: the parent, bit for bit
             cache.latents = list(parent.cache.latents)
             cache.noise_preds = list(parent.cache.noise_preds)
             cache.steps = [{} for _ in range(steps)]
-            return cache, {"executed": 0, "dense": dense_per_step * steps, "per_step": dense_per_step}
+            return cache, _macs(0, dense_per_step, steps)
         run = self._start(_spec(embeds, pyramid), settings)
         plans = GatherPlans(pyramid, self.device)
         inside = run.pyramid.masks[0][None, None]
         cells = run.pyramid.cells[0]
-        executed = 0
+        executed_per_step = 0
         for i, t in enumerate(run.scheduler.timesteps):
             cache.latents.append(run.latents)
             record: dict[str, torch.Tensor] = {}
             reader = parent.cache.reader(i, self.device, self.dtype)
             x = self._model_input(run, t)
-
-            def forward(x=x, reader=reader, record=record):
-                return self.sparse_unet(x, t, run.embeds, reader, plans, record, cache)
-
-            if i == 0:  # every step runs the same shapes: count the first
-                active, executed = count_macs(forward)
-            else:
-                active = forward()
+            forward = partial(self.sparse_unet, x, t, run.embeds, reader, plans, record, cache)
+            active, macs = _run_counted(forward, count=i == 0)
+            if i == 0:
+                executed_per_step = macs
             guided_active = self._guide(active, settings)  # [1, N, C]
             noise = parent.cache.noise_preds[i].to(self.device).clone()
             c = noise.shape[1]
             noise.view(1, c, -1)[:, :, cells] = guided_active.transpose(1, 2).to(noise.dtype)
             cache.steps.append(record)
             cache.noise_preds.append(noise)
-            stepped = run.scheduler.step(noise, t, run.latents, **run.step_kwargs, return_dict=False)[0]
+            stepped = run.scheduler.step(noise, t, run.latents, **run.step_kwargs).prev_sample
             run.latents = torch.where(inside, stepped, parent.cache.latents[i + 1].to(self.device))
         cache.latents.append(run.latents)
-        return cache, {"executed": executed * steps, "dense": dense_per_step * steps, "per_step": dense_per_step}
+        return cache, _macs(executed_per_step, dense_per_step, steps)
 
     def _decode(self, latents: torch.Tensor, output_type: str, seconds: dict) -> Image.Image | None:
         if output_type == "latent":
@@ -373,6 +359,20 @@ class EditEngine:
         image = self.pipe.image_processor.postprocess(image, output_type="pil")[0]
         seconds["decode"] = time.perf_counter() - start
         return image
+
+
+def _macs(executed_per_step: int, dense_per_step: int, steps: int) -> dict:
+    return {
+        "executed": executed_per_step * steps,
+        "dense": dense_per_step * steps,
+        "per_step": dense_per_step,
+    }
+
+
+def _run_counted(fn, count: bool):
+    """`fn()` and, when asked, the MACs it ran. Every step runs the same shapes, so the loops count
+    their first step only: the counter's dispatch overhead stays out of the other steps."""
+    return count_macs(fn) if count else (fn(), 0)
 
 
 def _spec(embeds: torch.Tensor, pyramid: MaskPyramid | None) -> dict:

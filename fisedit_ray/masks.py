@@ -108,3 +108,20 @@ def overlay(image: Image.Image, mask: torch.Tensor, vae_scale: int) -> Image.Ima
     m = mask.cpu().numpy().repeat(vae_scale, 0).repeat(vae_scale, 1)[..., None]
     tinted = np.where(m, 0.5 * base + 0.5 * np.array([255.0, 0, 0]), base)
     return Image.fromarray(tinted.clip(0, 255).astype(np.uint8))
+
+
+def blob_mask(size: tuple[int, int], ratio: float, seed: int = 0) -> torch.Tensor:
+    """A compact random blob covering `round(ratio * h * w)` cells: the cells nearest a random centre
+    under a randomly stretched, noisy distance. For tests and benchmarks."""
+    h, w = size
+    g = torch.Generator().manual_seed(seed)
+    count = round(ratio * h * w)
+    cy, cx = torch.rand(2, generator=g) * torch.tensor([h - 1, w - 1])
+    sy, sx = 0.5 + torch.rand(2, generator=g)
+    noise = F.avg_pool2d(torch.rand(1, 1, h, w, generator=g), 5, stride=1, padding=2, count_include_pad=False)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    dist = ((yy - cy) / sy).square() + ((xx - cx) / sx).square()
+    dist = dist * (0.75 + 0.5 * noise[0, 0])
+    mask = torch.zeros(h * w, dtype=torch.bool)
+    mask[dist.flatten().argsort()[:count]] = True
+    return mask.reshape(h, w)

@@ -138,25 +138,24 @@ def build_tiny_pipeline(variant: str = "sd1", seed: int = 0, scheduler=None) -> 
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(torch.float32)
+    return pipe
 
 
 def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """`tiny` / `tiny-sd2`: the embedded models; otherwise a diffusers Stable Diffusion folder or hub id."""
-    if name_or_path in ("tiny", "tiny-sd1"):
-        pipe = build_tiny_pipeline("sd1")
-    elif name_or_path == "tiny-sd2":
-        pipe = build_tiny_pipeline("sd2")
-    else:
-        local = os.path.isdir(name_or_path)
-        if not local and name_or_path.startswith((".", "/", "~")):
-            raise FileNotFoundError(f"model folder {name_or_path!r} does not exist")
-        pipe = StableDiffusionPipeline.from_pretrained(
-            name_or_path,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            local_files_only=local,
-        )
-        pipe.set_progress_bar_config(disable=True)
-    return pipe.to(dtype=dtype)
+    if name_or_path in ("tiny", "tiny-sd1", "tiny-sd2"):
+        pipe = build_tiny_pipeline("sd2" if name_or_path == "tiny-sd2" else "sd1")
+        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    local = os.path.isdir(name_or_path)
+    if not local and name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model folder {name_or_path!r} does not exist")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        name_or_path,
+        torch_dtype=dtype,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        local_files_only=local,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,150 @@
+"""One U-Net step, sparse vs dense, on a Stable Diffusion 1.5-shaped U-Net with random weights.
+
+Classifier-free guidance (batch 2), blob masks of the given ratios. For each mask: the dense diffusers
+forward and the sparse forward over a cache recorded from one dense step, timed in the same run
+(warm-up, then the median of --repeats), plus the MACs each actually executed and the cache bytes of
+one step. Writes Parquet and a PNG plot.
+
+    python benchmarks/unet_step.py --latent 32 --ratios 0.05 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from diffusers import UNet2DConditionModel
+
+from fisedit_ray.cache import ActivationCache, CacheRecorder
+from fisedit_ray.macs import count_macs
+from fisedit_ray.masks import MaskPyramid, blob_mask
+from fisedit_ray.sparse_unet import GatherPlans, SparseUNet
+
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--latent", type=int, default=32)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.25])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=Path("results/unet_step"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).to(dtype).eval()
+    sparse_unet = SparseUNet(unet)
+    size = (args.latent, args.latent)
+    sample = torch.randn(2, 4, *size, dtype=dtype)
+    text = torch.randn(2, 77, 768, dtype=dtype)
+    t = torch.tensor(500)
+
+    cache = ActivationCache(dtype, sparse_unet.level_sizes(size))
+    recorder = CacheRecorder(unet, cache)
+    recorder.begin_step()
+    unet(sample, t, encoder_hidden_states=text)
+    recorder.end_step()
+    recorder.remove()
+    step_bytes = cache.byte_stats()["per_step"][0]
+
+    def dense():
+        return unet(sample, t, encoder_hidden_states=text).sample
+
+    _, dense_macs = count_macs(dense)
+    dense_s = median_seconds(dense, args.repeats)
+    rows = []
+    for ratio in args.ratios:
+        pyramid = MaskPyramid.build(blob_mask(size, ratio, seed=0), cache.sizes)
+        plans = GatherPlans(pyramid, sample.device)
+        edited = sample + 0.1 * torch.randn_like(sample)
+
+        def sparse(plans=plans, edited=edited):
+            return sparse_unet(edited, t, text, cache.reader(0, dtype=dtype), plans)
+
+        _, sparse_macs = count_macs(sparse)
+        sparse_s = median_seconds(sparse, args.repeats)
+        row = {
+            "latent": args.latent,
+            "dtype": args.dtype,
+            "mask_ratio": pyramid.ratio,
+            "dense_s": dense_s,
+            "sparse_s": sparse_s,
+            "speedup": dense_s / sparse_s,
+            "macs_dense": dense_macs,
+            "macs_sparse": sparse_macs,
+            "macs_reduction": dense_macs / sparse_macs,
+            "efficiency": (dense_s / sparse_s) / (dense_macs / sparse_macs),
+            "cache_bytes_per_step": step_bytes,
+            "threads": args.threads,
+            "repeats": args.repeats,
+        }
+        rows.append(row)
+        print(
+            f"mask {row['mask_ratio']:6.1%}  dense {dense_s:7.3f}s  sparse {sparse_s:7.3f}s  "
+            f"speed-up {row['speedup']:5.2f}x  MACs {row['macs_reduction']:5.2f}x  "
+            f"efficiency {row['efficiency']:.2f}",
+            flush=True,
+        )
+    print(
+        f"cache per step: {step_bytes / 2**20:.1f} MiB ({args.dtype}, batch 2, {args.latent}x{args.latent})"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"unet_step_{args.latent}_{args.dtype}"
+    pq.write_table(pa.Table.from_pylist(rows), args.out / f"{stem}.parquet")
+    plot(rows, args.out / f"{stem}.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    x = [100 * r["mask_ratio"] for r in rows]
+    ax.plot(x, [r["speedup"] for r in rows], "o-", label="time speed-up")
+    ax.plot(x, [r["macs_reduction"] for r in rows], "s--", label="MACs reduction")
+    ax.set_xlabel("mask ratio (%)")
+    ax.set_ylabel("x over dense diffusers")
+    ax.set_title(
+        f"SD1.5-shaped U-Net step, {rows[0]['latent']}x{rows[0]['latent']} latent, {rows[0]['dtype']}"
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

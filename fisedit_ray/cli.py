@@ -1,0 +1,148 @@
+"""The `fisedit` command line: generate, edit, demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from PIL import Image, UnidentifiedImageError
+
+from fisedit_ray.cache import parse_dtype
+from fisedit_ray.engine import EditEngine, Version
+from fisedit_ray.masks import mask_image, overlay
+from fisedit_ray.session import Session, SessionError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sparse text-to-image editing (FISEdit).")
+
+DEMO_PROMPT = "a red circle at the top left"
+DEMO_EDIT = "a red circle at the top left and a blue square at the center"
+
+SessionOpt = Annotated[Path, typer.Option("--session", "-s", help="Session folder.")]
+ModelOpt = Annotated[str, typer.Option(help="'tiny' (embedded), or a diffusers Stable Diffusion folder.")]
+DeviceOpt = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")]
+CacheDtypeOpt = Annotated[str, typer.Option(help="Cache storage dtype: float32, bfloat16 or float16.")]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+def _engine(model: str, device: str, cache_dtype: str) -> EditEngine:
+    try:
+        return EditEngine.from_pretrained(model, device=device, cache_dtype=parse_dtype(cache_dtype))
+    except (OSError, ValueError) as e:
+        raise _fail(f"cannot load model {model!r}: {e}") from e
+
+
+def _seconds(stats: dict) -> str:
+    return " ".join(f"{k}={v:.3f}s" for k, v in stats["seconds"].items())
+
+
+def report(rows: list[tuple[str, Version]]) -> str:
+    """A plain-text table of what each version cost."""
+    header = f"{'version':<16}{'mask':>7}{'U-Net GMACs run':>17}{'of dense':>10}  seconds per phase"
+    lines = [header, "-" * len(header)]
+    for name, v in rows:
+        s = v.stats
+        ratio = s.get("mask_ratio")
+        mask = f"{ratio:7.1%}" if ratio is not None else f"{'-':>7}"
+        share = s["macs_executed"] / s["macs_dense"] if s["macs_dense"] else 0.0
+        gmacs = s["macs_executed"] / 1e9
+        lines.append(f"{name:<16}{mask}{gmacs:17.3f}{share:10.1%}  {_seconds(s)}")
+    return "\n".join(lines)
+
+
+@app.command()
+def generate(
+    prompt: str,
+    session: SessionOpt,
+    model: ModelOpt = "tiny",
+    seed: int = 0,
+    steps: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    guidance: Annotated[float, typer.Option(min=0.0, max=50.0)] = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | None = None,
+    cache_dtype: CacheDtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Generate an image and start a session folder with it (and its activation cache)."""
+    engine = _engine(model, device, cache_dtype)
+    try:
+        store = Session.create(session, model)
+        version = engine.generate(
+            prompt,
+            seed=seed,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height,
+            width=width,
+            negative_prompt=negative_prompt,
+        )
+    except ValueError as e:
+        raise _fail(str(e)) from e
+    folder = store.add(version, engine.vae_scale)
+    typer.echo(f"{version.id}: {folder / 'image.png'}")
+    typer.echo(report([(version.id, version)]))
+
+
+@app.command()
+def edit(
+    prompt: str,
+    session: SessionOpt,
+    mask: Annotated[Path, typer.Option(help="PNG mask at image or latent size; white = edit.")],
+    parent: Annotated[str | None, typer.Option(help="Version to edit (default: the latest).")] = None,
+    mode: Annotated[str, typer.Option(help="sparse, reference or dense.")] = "sparse",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Edit a version of a session with a new prompt inside a mask."""
+    try:
+        store = Session.open(session)
+        base = store.get(parent) if parent else store.latest
+    except SessionError as e:
+        raise _fail(str(e)) from e
+    try:
+        mask_png = Image.open(mask)
+    except (OSError, UnidentifiedImageError) as e:
+        raise _fail(f"cannot read mask {mask}: {e}") from e
+    engine = _engine(store.model, device, base.cache.storage_dtype)
+    try:
+        version = engine.edit(base, prompt, mask=mask_png, mode=mode)
+    except ValueError as e:
+        raise _fail(str(e)) from e
+    folder = store.add(version, engine.vae_scale)
+    typer.echo(f"{version.id} (edit of {base.id}): {folder / 'image.png'}")
+    typer.echo(report([(version.id, version)]))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where to write the images.")] = Path("out/demo"),
+    model: ModelOpt = "tiny",
+    steps: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    size: Annotated[int, typer.Option(help="Image height and width in pixels.")] = 64,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Generate, edit a centred rectangle in sparse and dense mode, write images and a table."""
+    engine = _engine(model, device, "float32")
+    out.mkdir(parents=True, exist_ok=True)
+    base = engine.generate(DEMO_PROMPT, seed=0, num_inference_steps=steps, height=size, width=size)
+    h, w = size // engine.vae_scale, size // engine.vae_scale
+    rect = torch.zeros(h, w, dtype=torch.bool)
+    rect[h * 3 // 8 : h * 5 // 8, w * 3 // 8 : w * 5 // 8] = True
+    sparse = engine.edit(base, DEMO_EDIT, mask=rect, mode="sparse")
+    dense = engine.edit(base, DEMO_EDIT, mask=rect, mode="dense")
+    base.image.save(out / "original.png")
+    sparse.image.save(out / "edit_sparse.png")
+    dense.image.save(out / "edit_dense.png")
+    mask_image(rect, engine.vae_scale).save(out / "mask.png")
+    overlay(base.image, rect, engine.vae_scale).save(out / "mask_overlay.png")
+    typer.echo(f"original: {DEMO_PROMPT!r}\nedit:     {DEMO_EDIT!r}\nimages in {out}/")
+    typer.echo(report([("generate", base), ("edit sparse", sparse), ("edit dense", dense)]))
+
+
+if __name__ == "__main__":
+    app()

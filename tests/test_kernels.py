@@ -1,0 +1,93 @@
+"""The sparse operators against their dense PyTorch definitions."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fisedit_ray.kernels import (
+    active_query_attention,
+    conv_input_positions,
+    conv_weight_matrix,
+    gather_plan,
+    group_norm_act,
+    group_stats,
+    group_sums,
+    scatter_rows,
+    sparse_conv2d,
+)
+
+from fisedit_ray.masks import blob_mask
+
+
+def tokens(x):
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
+@pytest.mark.parametrize("size", [(12, 12), (9, 14)])
+def test_sparse_conv_equals_dense_conv(kernel, stride, padding, size):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 5, kernel, stride=stride, padding=padding)
+    x = torch.randn(2, 6, *size)
+    dense = tokens(conv(x))
+    out_size = conv(x).shape[-2:]
+    mask = blob_mask(tuple(out_size), 0.3, seed=1)
+    out_cells = mask.flatten().nonzero().flatten()
+    in_mask = blob_mask(size, 0.4, seed=2)  # which input cells count as "active" does not matter
+    rank = torch.full((size[0] * size[1],), -1)
+    in_cells = in_mask.flatten().nonzero().flatten()
+    rank[in_cells] = torch.arange(len(in_cells))
+    positions = conv_input_positions(out_cells, out_size[1], size, kernel, stride, padding)
+    index, halo_cells = gather_plan(positions, rank)
+    xt = tokens(x)
+    assert not in_mask.flatten()[halo_cells].any()
+    out = sparse_conv2d(xt[:, in_cells], xt[:, halo_cells], index, conv_weight_matrix(conv), conv.bias)
+    torch.testing.assert_close(out, dense[:, out_cells], rtol=1e-5, atol=1e-5)
+
+
+def test_incremental_group_norm_equals_group_norm():
+    torch.manual_seed(0)
+    gn = torch.nn.GroupNorm(4, 16)
+    gn.weight.data.normal_()
+    gn.bias.data.normal_()
+    old, new = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8) * 3 + 1
+    mask = blob_mask((8, 8), 0.25, seed=3)
+    mixed = torch.where(mask, new, old)
+    cells = mask.flatten().nonzero().flatten()
+    sums = (
+        group_sums(tokens(old), 4)
+        - group_sums(tokens(old)[:, cells], 4)
+        + group_sums(tokens(new)[:, cells], 4)
+    )
+    mean, rstd = group_stats(sums, 64 * 4, gn.eps)
+    out = group_norm_act(tokens(new)[:, cells], mean, rstd, gn.weight, gn.bias, silu=True)
+    torch.testing.assert_close(out, tokens(F.silu(gn(mixed)))[:, cells], rtol=1e-5, atol=1e-5)
+
+
+def test_active_query_attention_equals_full_attention_rows():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 20, 16).unbind(0)
+    full = (
+        F.scaled_dot_product_attention(
+            q.reshape(2, 20, 4, 4).transpose(1, 2),
+            k.reshape(2, 20, 4, 4).transpose(1, 2),
+            v.reshape(2, 20, 4, 4).transpose(1, 2),
+        )
+        .transpose(1, 2)
+        .reshape(2, 20, 16)
+    )
+    rows = torch.tensor([0, 3, 7, 19])
+    torch.testing.assert_close(active_query_attention(q[:, rows], k, v, heads=4), full[:, rows])
+
+
+def test_scatter_rows_is_out_of_place():
+    base = torch.zeros(1, 5, 2)
+    out = scatter_rows(base, torch.tensor([1, 4]), torch.ones(1, 2, 2))
+    assert base.abs().sum() == 0
+    assert out[0, :, 0].tolist() == [0, 1, 0, 0, 1]
+
+
+def test_gather_plan_addresses_active_halo_and_padding():
+    rank = torch.tensor([-1, 0, -1, 1])
+    index, halo = gather_plan(torch.tensor([[1, 0, -1, 3, 2]]), rank)
+    assert halo.tolist() == [0, 2]
+    assert index.tolist() == [[0, 2, 4, 1, 3]]  # actives 0-1, halos 2-3, zero row 4

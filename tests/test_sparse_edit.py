@@ -1,0 +1,183 @@
+"""Sparse edits equal the masked-dense reference; the edge cases of the definition hold exactly."""
+
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler
+
+from fisedit_ray import EditEngine
+from fisedit_ray.masks import blob_mask
+from fisedit_ray.models import SD_SCHEDULER_CONFIG, build_tiny_pipeline
+
+TOL = 1e-4
+STEPS = 4
+PROMPT = "a red circle at the top left"
+EDIT = "a blue square at the center"
+
+
+def max_diff(a, b):
+    return (a.latents - b.latents).abs().max().item()
+
+
+def checkerboard(h, w):
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return (yy + xx) % 2 == 0
+
+
+def masks(h, w):
+    one = torch.zeros(h, w, dtype=torch.bool)
+    one[h // 2, w // 3] = True
+    border = torch.zeros(h, w, dtype=torch.bool)
+    border[: h // 3, -w // 4 :] = True  # touches the top and right edges
+    out = {
+        "empty": torch.zeros(h, w, dtype=torch.bool),
+        "full": torch.ones(h, w, dtype=torch.bool),
+        "one_cell": one,
+        "border": border,
+        "checkerboard": checkerboard(h, w),
+    }
+    for i, ratio in enumerate([0.02, 0.05, 0.15, 0.30]):
+        out[f"blob_{ratio:.0%}"] = blob_mask((h, w), ratio, seed=i)
+    return out
+
+
+@pytest.fixture(scope="module")
+def parents(engine, sd2_engine):
+    out = {}
+    for name, eng in (("sd1", engine), ("sd2", sd2_engine)):
+        for guidance in (1.0, 7.5):
+            out[name, guidance] = eng.generate(
+                PROMPT, seed=1, num_inference_steps=STEPS, guidance_scale=guidance, output_type="latent"
+            )
+    return out
+
+
+@pytest.mark.parametrize("config", ["sd1", "sd2"])
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+@pytest.mark.parametrize("mask_name", list(masks(16, 16)))
+def test_sparse_equals_reference(engine, sd2_engine, parents, config, guidance, mask_name):
+    eng = engine if config == "sd1" else sd2_engine
+    parent = parents[config, guidance]
+    mask = masks(16, 16)[mask_name]
+    sparse = eng.edit(parent, EDIT, mask=mask, mode="sparse", output_type="latent")
+    reference = eng.edit(parent, EDIT, mask=mask, mode="reference", output_type="latent")
+    assert max_diff(sparse, reference) <= TOL
+    outside = ~mask
+    assert torch.equal(sparse.latents[..., outside], parent.latents[..., outside])
+    assert torch.equal(reference.latents[..., outside], parent.latents[..., outside])
+    assert sparse.stats["mask_ratio"] == pytest.approx(mask.float().mean().item())
+
+
+@pytest.mark.parametrize("mode", ["sparse", "reference"])
+def test_empty_mask_returns_parent_bit_for_bit(engine, parents, mode):
+    parent = parents["sd1", 7.5]
+    empty = torch.zeros(16, 16, dtype=torch.bool)
+    edit = engine.edit(parent, EDIT, mask=empty, mode=mode, output_type="latent")
+    assert torch.equal(edit.latents, parent.latents)
+
+
+def test_edit_after_an_empty_edit(engine, parents):
+    parent = parents["sd1", 7.5]
+    empty = engine.edit(parent, EDIT, mask=torch.zeros(16, 16, dtype=torch.bool), output_type="latent")
+    mask = blob_mask((16, 16), 0.1, seed=8)
+    after_empty = engine.edit(empty, "a cat", mask=mask, output_type="latent")
+    direct = engine.edit(parent, "a cat", mask=mask, output_type="latent")
+    assert torch.equal(after_empty.latents, direct.latents)
+
+
+@pytest.mark.parametrize("config", ["sd1", "sd2"])
+def test_full_mask_equals_dense(engine, sd2_engine, parents, config):
+    eng = engine if config == "sd1" else sd2_engine
+    parent = parents[config, 7.5]
+    full = torch.ones(16, 16, dtype=torch.bool)
+    dense = eng.edit(parent, EDIT, mask=full, mode="dense", output_type="latent")
+    reference = eng.edit(parent, EDIT, mask=full, mode="reference", output_type="latent")
+    sparse = eng.edit(parent, EDIT, mask=full, mode="sparse", output_type="latent")
+    assert torch.equal(reference.latents, dense.latents)
+    assert max_diff(sparse, dense) <= TOL
+    # dense mode is a regeneration with the new prompt from the same seed
+    regenerated = eng.generate(EDIT, seed=1, num_inference_steps=STEPS, output_type="latent")
+    assert torch.equal(dense.latents, regenerated.latents)
+
+
+@pytest.mark.parametrize("config", ["sd1", "sd2"])
+def test_two_chained_edits(engine, sd2_engine, parents, config):
+    eng = engine if config == "sd1" else sd2_engine
+    parent = parents[config, 7.5]
+    first_mask = blob_mask((16, 16), 0.15, seed=11)
+    second_mask = blob_mask((16, 16), 0.15, seed=12)
+    s1 = eng.edit(parent, EDIT, mask=first_mask, output_type="latent")
+    s2 = eng.edit(s1, "a green triangle at the bottom", mask=second_mask, output_type="latent")
+    r1 = eng.edit(parent, EDIT, mask=first_mask, mode="reference", output_type="latent")
+    r2 = eng.edit(
+        r1, "a green triangle at the bottom", mask=second_mask, mode="reference", output_type="latent"
+    )
+    assert max_diff(s1, r1) <= TOL
+    assert max_diff(s2, r2) <= TOL
+    outside = ~second_mask
+    assert torch.equal(s2.latents[..., outside], s1.latents[..., outside])
+    # a sparse edit of a reference parent and a reference edit of a sparse parent agree too
+    mixed = eng.edit(r1, "a green triangle at the bottom", mask=second_mask, output_type="latent")
+    assert max_diff(mixed, r2) <= TOL
+    assert s2.cache.is_delta and s2.cache.parent is s1.cache
+
+
+def test_overlapping_chain_and_non_square(sd1_pipe):
+    engine = EditEngine.from_pipeline(sd1_pipe)
+    parent = engine.generate(PROMPT, seed=4, num_inference_steps=3, height=32, width=24, output_type="latent")
+    a = torch.zeros(16, 12, dtype=torch.bool)
+    a[3:9, 2:8] = True
+    b = torch.zeros(16, 12, dtype=torch.bool)
+    b[6:13, 5:12] = True  # overlaps `a` and touches the right edge
+    s = engine.edit(
+        engine.edit(parent, EDIT, mask=a, output_type="latent"), "a cat", mask=b, output_type="latent"
+    )
+    r1 = engine.edit(parent, EDIT, mask=a, mode="reference", output_type="latent")
+    r = engine.edit(r1, "a cat", mask=b, mode="reference", output_type="latent")
+    assert max_diff(s, r) <= TOL
+
+
+def test_multistep_scheduler_sparse_equals_reference():
+    pipe = build_tiny_pipeline("sd1", scheduler=DPMSolverMultistepScheduler.from_config(SD_SCHEDULER_CONFIG))
+    engine = EditEngine.from_pipeline(pipe)
+    parent = engine.generate(PROMPT, seed=2, num_inference_steps=5, output_type="latent")
+    mask = blob_mask((16, 16), 0.1, seed=3)
+    sparse = engine.edit(parent, EDIT, mask=mask, output_type="latent")
+    reference = engine.edit(parent, EDIT, mask=mask, mode="reference", output_type="latent")
+    assert max_diff(sparse, reference) <= TOL
+
+
+def test_macs_at_five_percent_mask(engine, parents):
+    parent = parents["sd1", 7.5]
+    edit = engine.edit(parent, EDIT, mask=blob_mask((16, 16), 0.05, seed=5), output_type="latent")
+    stats = edit.stats
+    assert stats["macs_dense"] == parent.stats["macs_dense"]
+    assert 0 < stats["macs_executed"] <= 0.30 * stats["macs_dense"]
+
+
+def test_edit_image_keeps_parent_pixels_far_from_mask(engine):
+    parent = engine.generate(PROMPT, seed=1, num_inference_steps=2)
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[2:5, 2:5] = True
+    edit = engine.edit(parent, EDIT, mask=mask)
+    far = (slice(20, 32), slice(20, 32))  # pixels more than 2 latent cells away from the mask
+    import numpy as np
+
+    assert np.array_equal(np.asarray(edit.image)[far], np.asarray(parent.image)[far])
+    assert edit.mask is not None and torch.equal(edit.mask, mask)
+
+
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        (torch.zeros(15, 16, dtype=torch.bool), r"mask has shape \(15, 16\); expected the latent size"),
+        (torch.full((16, 16), 0.5), "mask must be binary"),
+    ],
+)
+def test_bad_masks_are_clear_errors(engine, parents, mask, message):
+    with pytest.raises(ValueError, match=message):
+        engine.edit(parents["sd1", 7.5], EDIT, mask=mask)
+
+
+def test_bad_mode(engine, parents):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        engine.edit(parents["sd1", 7.5], EDIT, mask=torch.ones(16, 16, dtype=torch.bool), mode="fast")
