@@ -7,8 +7,8 @@ Per step and per cache point (named after the U-Net module it feeds):
 - `down_input` / `up_input`: the input of a downsampler or upsampler `[B, cells, C]`.
 Every other value sparse execution needs is recomputed from these: a conv halo that reads a group
 norm's output is normalised on the fly with the statistics of the version that computed the cell.
-The trajectory (latents before every step and the guided noise predictions) is kept in float32 so
-that an empty edit reproduces its parent bit for bit.
+The trajectory (latents before every step and the guided noise predictions) is kept as computed,
+never in the storage dtype, so that an empty edit reproduces its parent bit for bit.
 
 A generation stores full maps. An edit stores a delta: the values at its active cells only, plus
 the new statistics, over its parent's cache.

@@ -30,7 +30,7 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def _engine(model: str, device: str, cache_dtype: str) -> EditEngine:
+def _engine(model: str, device: str, cache_dtype: str | torch.dtype) -> EditEngine:
     try:
         return EditEngine.from_pretrained(model, device=device, cache_dtype=parse_dtype(cache_dtype))
     except (OSError, ValueError) as e:
@@ -70,9 +70,10 @@ def generate(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Generate an image and start a session folder with it (and its activation cache)."""
+    if Session.exists(session):
+        raise _fail(f"{session} already holds a session; edit it or choose another folder")
     engine = _engine(model, device, cache_dtype)
     try:
-        store = Session.create(session, model)
         version = engine.generate(
             prompt,
             seed=seed,
@@ -84,7 +85,7 @@ def generate(
         )
     except ValueError as e:
         raise _fail(str(e)) from e
-    folder = store.add(version, engine.vae_scale)
+    folder = Session.create(session, model).add(version, engine.vae_scale)
     typer.echo(f"{version.id}: {folder / 'image.png'}")
     typer.echo(report([(version.id, version)]))
 

@@ -151,7 +151,7 @@ def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32) -> Stab
         raise FileNotFoundError(f"model folder {name_or_path!r} does not exist")
     pipe = StableDiffusionPipeline.from_pretrained(
         name_or_path,
-        torch_dtype=dtype,
+        dtype=dtype,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

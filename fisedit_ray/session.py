@@ -31,10 +31,14 @@ class Session:
     def __init__(self, folder: Path, model: str, versions: dict[str, Version]):
         self.folder, self.model, self.versions = folder, model, versions
 
+    @staticmethod
+    def exists(folder: str | Path) -> bool:
+        return (Path(folder) / "session.json").exists()
+
     @classmethod
     def create(cls, folder: str | Path, model: str) -> Session:
         folder = Path(folder)
-        if (folder / "session.json").exists():
+        if cls.exists(folder):
             raise SessionError(f"{folder} already holds a session; edit it or choose another folder")
         folder.mkdir(parents=True, exist_ok=True)
         session = cls(folder, model, {})

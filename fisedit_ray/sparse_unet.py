@@ -24,7 +24,6 @@ from fisedit_ray.cache import STATS, ActivationCache, CacheReader
 from fisedit_ray.kernels import (
     active_query_attention,
     conv_input_positions,
-    conv_weight_matrix,
     gather_plan,
     group_norm_act,
     group_stats,
@@ -76,7 +75,6 @@ class SparseUNet:
         validate_unet(unet)
         self.unet = unet
         self.names = {m: n for n, m in unet.named_modules()}
-        self._weights: dict[tuple[nn.Conv2d, torch.dtype, torch.device], torch.Tensor] = {}
 
     def level_sizes(self, latent_size: tuple[int, int]) -> list[tuple[int, int]]:
         return level_sizes(self.unet, latent_size)
@@ -100,18 +98,12 @@ class SparseUNet:
         run = _Run(self, sample, timestep, encoder_hidden_states, parent, plans, record, store)
         return run.forward()
 
-    def weight_matrix(self, conv: nn.Conv2d) -> torch.Tensor:
-        key = (conv, conv.weight.dtype, conv.weight.device)
-        if key not in self._weights:
-            self._weights[key] = conv_weight_matrix(conv)
-        return self._weights[key]
-
 
 class _Run:
     """One sparse U-Net forward; mirrors `UNet2DConditionModel.forward` block by block."""
 
     def __init__(self, sparse: SparseUNet, sample, timestep, text, parent, plans, record, store):
-        self.s, self.unet, self.names = sparse, sparse.unet, sparse.names
+        self.unet, self.names = sparse.unet, sparse.names
         self.sample, self.text, self.parent, self.plans = sample, text, parent, plans
         self.record, self.store = record, store
         self.pyramid = plans.pyramid
@@ -172,7 +164,7 @@ class _Run:
             halo = halo_of(halo_cells)
         else:
             halo = x.values.new_zeros(x.values.shape[0], 0, x.values.shape[2])
-        out = sparse_conv2d(x.values, halo, index, self.s.weight_matrix(conv), conv.bias)
+        out = sparse_conv2d(x.values, halo, index, conv.weight, conv.bias)
         return Active(out, out_level)
 
     def norm_act(self, norm: nn.GroupNorm, key: str, x: Active, silu: bool):

@@ -50,10 +50,17 @@ def validate_unet(unet: nn.Module) -> None:
     _require(not cfg.center_input_sample, "center_input_sample is not")
     _require(cfg.act_fn == "silu", f"act_fn must be silu, got {cfg.act_fn}")
     _require(unet.conv_norm_out is not None, "a U-Net without conv_norm_out is not")
+    _require(unet.mid_block is not None, "a U-Net without a mid block is not")
     for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
         _require(type(block).__name__ in SUPPORTED_BLOCKS, f"block {type(block).__name__} is not")
+        for attn in getattr(block, "attentions", None) or []:
+            _require(isinstance(attn, Transformer2DModel), f"{type(attn).__name__} attention is not")
     for name, m in unet.named_modules():
-        if isinstance(m, ResnetBlock2D):
+        if isinstance(m, nn.Conv2d):
+            square = len(set(m.kernel_size)) == len(set(m.stride)) == len(set(m.padding)) == 1
+            plain = m.groups == 1 and m.dilation == (1, 1) and m.padding_mode == "zeros"
+            _require(square and plain, f"{name}: only plain square convolutions are supported")
+        elif isinstance(m, ResnetBlock2D):
             _require(m.upsample is None and m.downsample is None, f"{name}: resampling resnets are not")
             _require(m.time_embedding_norm == "default", f"{name}: time_embedding_norm must be default")
             _require(isinstance(m.nonlinearity, nn.SiLU), f"{name}: non-SiLU resnets are not")

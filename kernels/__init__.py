@@ -6,14 +6,13 @@ level's active-cell index.
 """
 
 from fisedit_ray.kernels.attention import active_query_attention
-from fisedit_ray.kernels.conv import conv_weight_matrix, sparse_conv2d
+from fisedit_ray.kernels.conv import sparse_conv2d
 from fisedit_ray.kernels.gather import conv_input_positions, gather_plan, scatter_rows
 from fisedit_ray.kernels.group_norm import group_norm_act, group_stats, group_sums
 
 __all__ = [
     "active_query_attention",
     "conv_input_positions",
-    "conv_weight_matrix",
     "gather_plan",
     "group_norm_act",
     "group_stats",

@@ -15,8 +15,7 @@ def conv_input_positions(
 ) -> torch.Tensor:
     """Flat input-grid index of every kernel tap of every output cell, -1 where it falls in padding.
 
-    Returns `[len(out_cells), kernel * kernel]`, taps in row-major (ky, kx) order, which is the order
-    of `conv_weight_matrix`.
+    Returns `[len(out_cells), kernel * kernel]`, taps in row-major (ky, kx) order, as in a conv weight.
     """
     in_h, in_w = in_size
     oy, ox = out_cells // out_width, out_cells % out_width

@@ -91,3 +91,6 @@ def test_bad_mask_and_parent_are_clear_errors(tmp_path, mask_png):
     assert result.exit_code == 2 and "no version 'v9'" in result.output
     result = run("generate", "again", "--session", session)
     assert result.exit_code == 2 and "already holds a session" in result.output
+    result = run("generate", "odd size", "--session", tmp_path / "new", "--height", 33)
+    assert result.exit_code == 2 and "height must be a multiple of 2" in result.output
+    assert not (tmp_path / "new").exists()  # a refused generation leaves nothing behind

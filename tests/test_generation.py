@@ -69,3 +69,37 @@ def test_generate_returns_image_and_stats(engine):
 def test_generate_rejects_bad_arguments(engine, kwargs, message):
     with pytest.raises(ValueError, match=message):
         engine.generate("a red circle", **kwargs)
+
+
+def test_loads_a_local_diffusers_folder(sd2_pipe, tmp_path):
+    sd2_pipe.save_pretrained(tmp_path / "model")
+    loaded = EditEngine.from_pretrained(str(tmp_path / "model"))
+    a = loaded.generate("a red circle", num_inference_steps=2, output_type="latent")
+    b = EditEngine.from_pipeline(sd2_pipe).generate(
+        "a red circle", num_inference_steps=2, output_type="latent"
+    )
+    assert torch.equal(a.latents, b.latents)
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        EditEngine.from_pretrained(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"resnet_time_scale_shift": "scale_shift"}, "time_embedding_norm must be default"),
+        ({"dual_cross_attention": True}, "DualTransformer2DModel attention is not"),
+        ({"act_fn": "gelu"}, "act_fn must be silu"),
+    ],
+)
+def test_unsupported_unets_are_refused_by_name(change, message):
+    from diffusers import UNet2DConditionModel
+
+    from fisedit_ray.models import TINY_UNET_CONFIGS
+
+    pipe = build_tiny_pipeline("sd1")
+    pipe.unet = UNet2DConditionModel(**{**TINY_UNET_CONFIGS["sd1"], **change})
+    with pytest.raises(ValueError, match=message):
+        EditEngine.from_pipeline(pipe)

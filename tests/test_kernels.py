@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from fisedit_ray.kernels import (
     active_query_attention,
     conv_input_positions,
-    conv_weight_matrix,
     gather_plan,
     group_norm_act,
     group_stats,
@@ -40,7 +39,7 @@ def test_sparse_conv_equals_dense_conv(kernel, stride, padding, size):
     index, halo_cells = gather_plan(positions, rank)
     xt = tokens(x)
     assert not in_mask.flatten()[halo_cells].any()
-    out = sparse_conv2d(xt[:, in_cells], xt[:, halo_cells], index, conv_weight_matrix(conv), conv.bias)
+    out = sparse_conv2d(xt[:, in_cells], xt[:, halo_cells], index, conv.weight, conv.bias)
     torch.testing.assert_close(out, dense[:, out_cells], rtol=1e-5, atol=1e-5)
 
 
