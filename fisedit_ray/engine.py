@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Literal
@@ -141,26 +142,18 @@ class EditEngine:
         negative_prompt: str | None = None,
         output_type: str = "pil",
     ) -> Version:
+        _check_output_type(output_type)
         settings = self._settings(seed, num_inference_steps, guidance_scale, height, width, negative_prompt)
-        seconds = {}
-        start = time.perf_counter()
-        embeds = self._encode(prompt, settings)
-        seconds["text_encode"] = time.perf_counter() - start
-        cache = self._new_cache(settings)
-        macs = self._run_dense([_spec(embeds, None)], settings, cache)
-        seconds["dense_steps"] = time.perf_counter() - start - seconds["text_encode"]
-        latents = cache.latents[-1]
-        image = self._decode(latents, output_type, seconds)
-        seconds["total"] = time.perf_counter() - start
-        stats = {
-            "mode": "generate",
-            "macs_executed": macs["executed"],
-            "macs_dense": macs["dense"],
-            "unet_macs_per_step": macs["per_step"],
-            "seconds": seconds,
-            "cache_bytes": cache.byte_stats(),
-        }
-        return Version(prompt, settings, "generate", latents, image, cache, stats)
+        phases = _Phases()
+        with phases("text_encode"):
+            embeds = self._encode(prompt, settings)
+        with phases("dense_steps"):
+            cache = self._new_cache(settings)
+            macs = self._run_dense([_spec(embeds, None)], settings, cache)
+        with phases("decode"):
+            image = self._decode(cache.latents[-1], output_type)
+        stats = _stats("generate", macs, phases, cache)
+        return Version(prompt, settings, "generate", cache.latents[-1], image, cache, stats)
 
     @torch.no_grad()
     def edit(
@@ -175,43 +168,33 @@ class EditEngine:
         """Edit `parent` with a new prompt inside `mask` (see `to_latent_mask` for what it accepts)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        _check_output_type(output_type)
         settings = parent.settings
-        start = time.perf_counter()
-        seconds = {}
-        latent_mask = to_latent_mask(mask, self.latent_size(settings), self.vae_scale)
-        pyramid = MaskPyramid.build(latent_mask, self.sparse_unet.level_sizes(latent_mask.shape))
-        seconds["mask"] = time.perf_counter() - start
-        embeds = self._encode(prompt, settings)
-        seconds["text_encode"] = time.perf_counter() - start - seconds["mask"]
-        phase_start = time.perf_counter()
+        phases = _Phases()
+        with phases("mask"):
+            latent_mask = to_latent_mask(mask, self.latent_size(settings), self.vae_scale)
+            pyramid = MaskPyramid.build(latent_mask, self.sparse_unet.level_sizes(latent_mask.shape))
+        with phases("text_encode"):
+            embeds = self._encode(prompt, settings)
         if mode == "dense":
-            cache = self._new_cache(settings)
-            macs = self._run_dense([_spec(embeds, None)], settings, cache)
-            seconds["dense_steps"] = time.perf_counter() - phase_start
+            with phases("dense_steps"):
+                cache = self._new_cache(settings)
+                macs = self._run_dense([_spec(embeds, None)], settings, cache)
         elif mode == "reference":
-            chain = _dense_lineage(parent)
-            specs = [_spec(self._encode(v.prompt, settings), _pyramid_of(v, self)) for v in chain]
-            cache = ActivationCache.delta_of(parent.cache, pyramid.cells)
-            macs = self._run_dense([*specs, _spec(embeds, pyramid)], settings, cache)
-            seconds["reference_steps"] = time.perf_counter() - phase_start
+            with phases("reference_steps"):
+                chain = _dense_lineage(parent)
+                specs = [_spec(self._encode(v.prompt, settings), _pyramid_of(v, self)) for v in chain]
+                cache = ActivationCache.delta_of(parent.cache, pyramid.cells)
+                macs = self._run_dense([*specs, _spec(embeds, pyramid)], settings, cache)
         else:
-            cache, macs = self._run_sparse(parent, embeds, pyramid)
-            seconds["sparse_steps"] = time.perf_counter() - phase_start
-        latents = cache.latents[-1]
-        image = self._decode(latents, output_type, seconds)
-        if image is not None and mode != "dense" and parent.image is not None:
-            image = _composite(image, parent.image, latent_mask, self.vae_scale)
-        seconds["total"] = time.perf_counter() - start
-        stats = {
-            "mode": mode,
-            "mask_ratio": pyramid.ratio,
-            "macs_executed": macs["executed"],
-            "macs_dense": macs["dense"],
-            "unet_macs_per_step": macs["per_step"],
-            "seconds": seconds,
-            "cache_bytes": cache.byte_stats(),
-        }
-        return Version(prompt, settings, mode, latents, image, cache, stats, parent, latent_mask)
+            with phases("sparse_steps"):
+                cache, macs = self._run_sparse(parent, embeds, pyramid)
+        with phases("decode"):
+            image = self._decode(cache.latents[-1], output_type)
+            if image is not None and mode != "dense" and parent.image is not None:
+                image = _composite(image, parent.image, latent_mask, self.vae_scale)
+        stats = _stats(mode, macs, phases, cache, mask_ratio=pyramid.ratio)
+        return Version(prompt, settings, mode, cache.latents[-1], image, cache, stats, parent, latent_mask)
 
     # ---- pieces -------------------------------------------------------------------------------
     def _settings(self, seed, steps, guidance, height, width, negative_prompt) -> Settings:
@@ -348,17 +331,46 @@ class EditEngine:
         cache.latents.append(run.latents)
         return cache, _macs(executed_per_step, dense_per_step, steps)
 
-    def _decode(self, latents: torch.Tensor, output_type: str, seconds: dict) -> Image.Image | None:
+    def _decode(self, latents: torch.Tensor, output_type: str) -> Image.Image | None:
         if output_type == "latent":
             return None
-        if output_type != "pil":
-            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
-        start = time.perf_counter()
         vae = self.pipe.vae
         image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        image = self.pipe.image_processor.postprocess(image, output_type="pil")[0]
-        seconds["decode"] = time.perf_counter() - start
-        return image
+        return self.pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+
+def _check_output_type(output_type: str) -> None:
+    if output_type not in ("pil", "latent"):
+        raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+
+
+class _Phases:
+    """Wall time per named phase of one request, plus the total."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+
+    def report(self) -> dict[str, float]:
+        return {**self.seconds, "total": time.perf_counter() - self.start}
+
+
+def _stats(mode: str, macs: dict, phases: _Phases, cache: ActivationCache, **extra) -> dict:
+    return {
+        "mode": mode,
+        **extra,
+        "macs_executed": macs["executed"],
+        "macs_dense": macs["dense"],
+        "unet_macs_per_step": macs["per_step"],
+        "seconds": phases.report(),
+        "cache_bytes": cache.byte_stats(),
+    }
 
 
 def _macs(executed_per_step: int, dense_per_step: int, steps: int) -> dict:

@@ -181,3 +181,15 @@ def test_bad_masks_are_clear_errors(engine, parents, mask, message):
 def test_bad_mode(engine, parents):
     with pytest.raises(ValueError, match="mode must be one of"):
         engine.edit(parents["sd1", 7.5], EDIT, mask=torch.ones(16, 16, dtype=torch.bool), mode="fast")
+
+
+def test_sizes_that_do_not_halve_evenly(sd2_engine):
+    # latent 18x15 -> levels 18x15, 9x8, 5x4: diffusers forwards the upsample size; so must we
+    parent = sd2_engine.generate(
+        PROMPT, seed=5, num_inference_steps=3, height=36, width=30, output_type="latent"
+    )
+    assert parent.cache.sizes == [(18, 15), (9, 8), (5, 4)]
+    mask = blob_mask((18, 15), 0.2, seed=1)
+    sparse = sd2_engine.edit(parent, EDIT, mask=mask, output_type="latent")
+    reference = sd2_engine.edit(parent, EDIT, mask=mask, mode="reference", output_type="latent")
+    assert max_diff(sparse, reference) <= TOL
