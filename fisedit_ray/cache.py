@@ -25,7 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fisedit_ray.kernels import group_norm_act, group_stats, group_sums, scatter_rows
+from fisedit_ray.kernels.gather import scatter_rows
+from fisedit_ray.kernels.group_norm import group_norm_act, group_stats, group_sums
 from fisedit_ray.unet_layout import ATTN_KEY, ATTN_VALUE, cache_points, tokens
 
 STATS = ":stats"

@@ -21,15 +21,10 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from fisedit_ray.cache import STATS, ActivationCache, CacheReader
-from fisedit_ray.kernels import (
-    active_query_attention,
-    conv_input_positions,
-    gather_plan,
-    group_norm_act,
-    group_stats,
-    group_sums,
-    sparse_conv2d,
-)
+from fisedit_ray.kernels.attention import active_query_attention
+from fisedit_ray.kernels.conv import sparse_conv2d
+from fisedit_ray.kernels.gather import conv_input_positions, gather_plan
+from fisedit_ray.kernels.group_norm import group_norm_act, group_stats, group_sums
 from fisedit_ray.masks import MaskPyramid
 from fisedit_ray.unet_layout import level_sizes, tokens, validate_unet
 

@@ -1,0 +1,21 @@
+"""The package imports cleanly however it is run."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_imports_from_the_repository_root():
+    # From the root, `kernels/` is importable as a top-level `kernels`, which transformers probes
+    # for; that must neither break transformers nor shadow `fisedit_ray.kernels`.
+    code = (
+        "from transformers import CLIPTextModel\n"
+        "from fisedit_ray import EditEngine\n"
+        "import fisedit_ray.kernels.conv as conv\n"
+        "print(conv.__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("fisedit_ray.kernels.conv")
