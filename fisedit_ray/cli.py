@@ -145,5 +145,23 @@ def demo(
     typer.echo(report([("generate", base), ("edit sparse", sparse), ("edit dense", dense)]))
 
 
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="Output folder; rerun with the same folder to resume.")] = Path(
+        "out/train-scenes"
+    ),
+    minutes: Annotated[float, typer.Option(help="Wall-clock budget of the U-Net stage.")] = 100.0,
+    vae_steps: Annotated[int, typer.Option(help="Autoencoder training steps.")] = 800,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> None:
+    """Train the scenes model from scratch (see fisedit_ray.train)."""
+    from fisedit_ray.train import TrainConfig
+    from fisedit_ray.train import train as run_training
+
+    config = TrainConfig(out=str(out), minutes=minutes, vae_steps=vae_steps, batch_size=batch_size, seed=seed)
+    run_training(config, log=lambda line: typer.echo(line))
+
+
 if __name__ == "__main__":
     app()

@@ -85,8 +85,10 @@ SD_SCHEDULER_CONFIG: dict[str, Any] = dict(
 )
 
 
-def build_tokenizer(max_length: int = 77) -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate([PAD, UNK, BOS, EOS, *dict.fromkeys(VOCABULARY)])}
+def build_tokenizer(max_length: int = 77, words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A lower-casing, whitespace-splitting word-level tokenizer over `words` (default VOCABULARY)."""
+    words = VOCABULARY if words is None else words
+    vocab = {tok: i for i, tok in enumerate([PAD, UNK, BOS, EOS, *dict.fromkeys(words)])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

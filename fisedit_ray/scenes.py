@@ -1,0 +1,169 @@
+"""A synthetic world where the truth is known: shapes on a 3x3 grid, their captions, and edit pairs.
+
+Every scene is drawn deterministically from a seed. Its caption follows one fixed grammar, e.g.
+`a red circle at the top left and a blue square at the center on a gray background`, objects in
+reading order of their cells; the default (black) background is not mentioned.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 200),
+    "white": (245, 245, 245),
+}
+BACKGROUNDS = {
+    "black": (15, 15, 15),
+    "gray": (120, 120, 120),
+    "orange": (200, 110, 30),
+    "brown": (110, 70, 40),
+}
+DEFAULT_BACKGROUND = "black"
+CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+EDIT_KINDS = ("add", "remove", "recolor", "reshape", "move", "background")
+IMAGE_SIZE = 64
+OBJECT_RADIUS = 7  # pixels; cells are 64 / 3 ~ 21 px wide
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    color: str
+    cell: int  # index into CELLS, reading order
+
+    def phrase(self) -> str:
+        return f"a {self.color} {self.shape} at the {CELLS[self.cell]}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[SceneObject, ...] = ()
+    background: str = DEFAULT_BACKGROUND
+
+    def __post_init__(self):
+        cells = [o.cell for o in self.objects]
+        if len(set(cells)) != len(cells):
+            raise ValueError("two objects in one cell")
+        object.__setattr__(self, "objects", tuple(sorted(self.objects, key=lambda o: o.cell)))
+
+    @property
+    def caption(self) -> str:
+        text = " and ".join(o.phrase() for o in self.objects) or "an empty scene"
+        if self.background != DEFAULT_BACKGROUND:
+            text += f" on a {self.background} background"
+        return text
+
+    def object_at(self, cell: int) -> SceneObject | None:
+        return next((o for o in self.objects if o.cell == cell), None)
+
+    def render(self, size: int = IMAGE_SIZE) -> Image.Image:
+        image = Image.new("RGB", (size, size), BACKGROUNDS[self.background])
+        draw = ImageDraw.Draw(image)
+        for o in self.objects:
+            draw_shape(
+                draw, o.shape, cell_center(o.cell, size), OBJECT_RADIUS * size / IMAGE_SIZE, COLORS[o.color]
+            )
+        return image
+
+    def object_masks(self, size: int = IMAGE_SIZE) -> dict[int, np.ndarray]:
+        """Pixel mask of every object, by cell."""
+        return {o.cell: shape_mask(o.shape, o.cell, size) for o in self.objects}
+
+
+def cell_center(cell: int, size: int = IMAGE_SIZE) -> tuple[float, float]:
+    row, col = divmod(cell, 3)
+    return ((col + 0.5) * size / 3, (row + 0.5) * size / 3)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, center, radius: float, fill) -> None:
+    x, y = center
+    r = radius
+    if shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif shape == "square":
+        s = r * 0.85  # about the circle's area
+        draw.rectangle([x - s, y - s, x + s, y + s], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(x, y - r), (x + r, y + r * 0.8), (x - r, y + r * 0.8)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; shapes are {SHAPES}")
+
+
+def shape_mask(shape: str, cell: int, size: int = IMAGE_SIZE) -> np.ndarray:
+    image = Image.new("L", (size, size), 0)
+    draw_shape(ImageDraw.Draw(image), shape, cell_center(cell, size), OBJECT_RADIUS * size / IMAGE_SIZE, 255)
+    return np.asarray(image) > 0
+
+
+def random_scene(seed: int, min_objects: int = 0, max_objects: int = 3, background_p: float = 0.2) -> Scene:
+    rng = random.Random(seed)
+    count = rng.randint(min_objects, max_objects)
+    cells = rng.sample(range(9), count)
+    objects = tuple(SceneObject(rng.choice(SHAPES), rng.choice(list(COLORS)), c) for c in cells)
+    background = DEFAULT_BACKGROUND
+    if rng.random() < background_p:
+        background = rng.choice([b for b in BACKGROUNDS if b != DEFAULT_BACKGROUND])
+    return Scene(objects, background)
+
+
+@dataclass(frozen=True)
+class EditPair:
+    kind: str
+    before: Scene
+    after: Scene
+    changed_cells: tuple[int, ...] = field(default=())  # empty for a global edit
+
+    def changed_pixels(self, size: int = IMAGE_SIZE) -> np.ndarray:
+        """Ground truth: the pixels whose rendering differs."""
+        a = np.asarray(self.before.render(size)).astype(int)
+        b = np.asarray(self.after.render(size)).astype(int)
+        return (a != b).any(axis=-1)
+
+
+def random_edit(scene: Scene, kind: str, seed: int) -> EditPair:
+    """Apply one edit of `kind` to `scene`; raises ValueError where the scene does not allow it."""
+    rng = random.Random(seed)
+    objects = list(scene.objects)
+    empty = [c for c in range(9) if scene.object_at(c) is None]
+    if kind in ("remove", "recolor", "reshape", "move") and not objects:
+        raise ValueError(f"cannot {kind} in an empty scene")
+    if kind in ("add", "move") and not empty:
+        raise ValueError(f"cannot {kind}: no empty cell")
+    if kind == "add":
+        new = SceneObject(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(empty))
+        return EditPair(kind, scene, replace(scene, objects=(*objects, new)), (new.cell,))
+    if kind == "background":
+        background = rng.choice([b for b in BACKGROUNDS if b != scene.background])
+        return EditPair(kind, scene, replace(scene, background=background))
+    target = rng.choice(objects)
+    rest = [o for o in objects if o is not target]
+    if kind == "remove":
+        return EditPair(kind, scene, replace(scene, objects=tuple(rest)), (target.cell,))
+    if kind == "recolor":
+        changed = replace(target, color=rng.choice([c for c in COLORS if c != target.color]))
+    elif kind == "reshape":
+        changed = replace(target, shape=rng.choice([s for s in SHAPES if s != target.shape]))
+    elif kind == "move":
+        changed = replace(target, cell=rng.choice(empty))
+    else:
+        raise ValueError(f"unknown edit kind {kind!r}; kinds are {EDIT_KINDS}")
+    cells = tuple(sorted({target.cell, changed.cell}))
+    return EditPair(kind, scene, replace(scene, objects=(*rest, changed)), cells)
+
+
+def vocabulary() -> list[str]:
+    """Every word the grammar uses."""
+    words = ["a", "an", "at", "the", "and", "on", "background", "empty", "scene"]
+    words += list(COLORS) + list(BACKGROUNDS) + list(SHAPES)
+    words += sorted({w for c in CELLS for w in c.split()})
+    return list(dict.fromkeys(words))
