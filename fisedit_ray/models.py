@@ -129,6 +129,11 @@ def build_tiny_pipeline(variant: str = "sd1", seed: int = 0, scheduler=None) -> 
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+    return assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler)
+
+
+def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler=None) -> StableDiffusionPipeline:
+    """A Stable Diffusion pipeline of these components (no safety checker), DDIM by default."""
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -23,15 +23,13 @@ import torch
 import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
     DDPMScheduler,
-    StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from diffusers.training_utils import EMAModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from fisedit_ray.models import SD_SCHEDULER_CONFIG, build_tokenizer
+from fisedit_ray.models import SD_SCHEDULER_CONFIG, assemble_pipeline, build_tokenizer
 from fisedit_ray.scenes import random_scene, vocabulary
 
 UNET_CONFIG = dict(
@@ -215,16 +213,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
 
 def export(path: Path, unet, vae, text_encoder, tokenizer) -> Path:
     """A diffusers Stable Diffusion folder, weights in float16 to keep the package small."""
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer)
     pipe.to(torch.float16).save_pretrained(path)
     pipe.to(torch.float32)
     return path
