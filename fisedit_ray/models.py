@@ -115,21 +115,26 @@ def build_tiny_pipeline(variant: str = "sd1", seed: int = 0, scheduler=None) -> 
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**TINY_VAE_CONFIG)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
+    text_encoder = build_text_encoder(
+        tokenizer, hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4
+    )
+    return assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler)
+
+
+def build_text_encoder(tokenizer: PreTrainedTokenizerFast, **sizes: int) -> CLIPTextModel:
+    """A CLIP text encoder (random weights) sized by `sizes`, matching `tokenizer`'s vocabulary,
+    special tokens and length."""
+    return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=5,
-            num_attention_heads=4,
             max_position_embeddings=tokenizer.model_max_length,
             layer_norm_eps=1e-5,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            **sizes,
         )
     )
-    return assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler)
 
 
 def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler=None) -> StableDiffusionPipeline:

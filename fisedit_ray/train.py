@@ -27,9 +27,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.training_utils import EMAModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
-from fisedit_ray.models import SD_SCHEDULER_CONFIG, assemble_pipeline, build_tokenizer
+from fisedit_ray.models import SD_SCHEDULER_CONFIG, assemble_pipeline, build_text_encoder, build_tokenizer
 from fisedit_ray.scenes import random_scene, vocabulary
 
 UNET_CONFIG = dict(
@@ -113,19 +112,6 @@ def train_vae(cfg: TrainConfig, out: Path, log) -> AutoencoderKL:
     return vae
 
 
-def new_text_encoder(tokenizer) -> CLIPTextModel:
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            max_position_embeddings=MAX_TOKENS,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **TEXT_CONFIG,
-        )
-    )
-
-
 def train(cfg: TrainConfig, log=print) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +120,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     vae = train_vae(cfg, out, log).requires_grad_(False)
     tokenizer = build_tokenizer(MAX_TOKENS, vocabulary())
     unet = UNet2DConditionModel(**UNET_CONFIG)
-    text_encoder = new_text_encoder(tokenizer)
+    text_encoder = build_text_encoder(tokenizer, **TEXT_CONFIG)
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     ema_unet = EMAModel(unet.parameters(), decay=cfg.ema_decay)
