@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image, ImageDraw
 
 from fisedit_ray import EditEngine
 from fisedit_ray.detector import detect
+from fisedit_ray.figures import labeled_grid
 from fisedit_ray.scenes import EDIT_KINDS, IMAGE_SIZE, random_edit, random_scene
 
 HELD_OUT_SEED = 10**9  # training draws its scenes from a seeded stream of 62-bit seeds; these are apart
@@ -94,20 +94,6 @@ def regeneration_damage(engine: EditEngine, count: int, steps: int, guidance: fl
     return rows
 
 
-def grid(examples: list, path: Path) -> None:
-    scale = 3
-    tile = IMAGE_SIZE * scale
-    canvas = Image.new("RGB", (4 * tile, 3 * (tile + 28)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (image, caption) in enumerate(examples):
-        x, y = (i % 4) * tile, (i // 4) * (tile + 28)
-        canvas.paste(image.resize((tile, tile), Image.NEAREST), (x, y))
-        words = caption.split()
-        draw.text((x + 2, y + tile + 1), " ".join(words[:7]), fill="black")
-        draw.text((x + 2, y + tile + 13), " ".join(words[7:14]), fill="black")
-    canvas.save(path)
-
-
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(
@@ -118,14 +104,15 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=60)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("results/quality"))
     args = parser.parse_args()
-    engine = EditEngine.from_pretrained(args.model)
+    engine = EditEngine.from_pretrained(args.model, device=args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     rows, examples = object_accuracy(engine, args.captions, args.steps, args.guidance)
     table = pa.Table.from_pylist(rows)
     pq.write_table(table, args.out / "object_accuracy.parquet")
-    grid(examples, args.out / "examples.png")
+    labeled_grid(examples, columns=4).save(args.out / "examples.png")
     objects = sum(r["objects"] for r in rows)
     total = sum(r["correct"] for r in rows) / objects
     print(f"object accuracy {total:.1%} over {objects} objects (guidance {args.guidance})")

@@ -11,7 +11,9 @@ from PIL import Image, UnidentifiedImageError
 
 from fisedit_ray.cache import parse_dtype
 from fisedit_ray.engine import EditEngine, Version
+from fisedit_ray.figures import labeled_grid
 from fisedit_ray.masks import mask_image, overlay
+from fisedit_ray.models import DEFAULT_MODEL
 from fisedit_ray.session import Session, SessionError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sparse text-to-image editing (FISEdit).")
@@ -20,7 +22,9 @@ DEMO_PROMPT = "a red circle at the top left"
 DEMO_EDIT = "a red circle at the top left and a blue square at the center"
 
 SessionOpt = Annotated[Path, typer.Option("--session", "-s", help="Session folder.")]
-ModelOpt = Annotated[str, typer.Option(help="'tiny' (embedded), or a diffusers Stable Diffusion folder.")]
+ModelOpt = Annotated[
+    str, typer.Option(help="'scenes' (embedded, trained), 'tiny' (untrained), or a diffusers SD folder.")
+]
 DeviceOpt = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")]
 CacheDtypeOpt = Annotated[str, typer.Option(help="Cache storage dtype: float32, bfloat16 or float16.")]
 
@@ -59,7 +63,7 @@ def report(rows: list[tuple[str, Version]]) -> str:
 def generate(
     prompt: str,
     session: SessionOpt,
-    model: ModelOpt = "tiny",
+    model: ModelOpt = DEFAULT_MODEL,
     seed: int = 0,
     steps: Annotated[int, typer.Option(min=1, max=1000)] = 20,
     guidance: Annotated[float, typer.Option(min=0.0, max=50.0)] = 7.5,
@@ -122,15 +126,16 @@ def edit(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Where to write the images.")] = Path("out/demo"),
-    model: ModelOpt = "tiny",
+    model: ModelOpt = DEFAULT_MODEL,
     steps: Annotated[int, typer.Option(min=1, max=1000)] = 20,
     size: Annotated[int, typer.Option(help="Image height and width in pixels.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the original; the shipped model draws it at 2.")] = 2,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Generate, edit a centred rectangle in sparse and dense mode, write images and a table."""
     engine = _engine(model, device, "float32")
     out.mkdir(parents=True, exist_ok=True)
-    base = engine.generate(DEMO_PROMPT, seed=0, num_inference_steps=steps, height=size, width=size)
+    base = engine.generate(DEMO_PROMPT, seed=seed, num_inference_steps=steps, height=size, width=size)
     h, w = size // engine.vae_scale, size // engine.vae_scale
     rect = torch.zeros(h, w, dtype=torch.bool)
     rect[h * 3 // 8 : h * 5 // 8, w * 3 // 8 : w * 5 // 8] = True
@@ -141,6 +146,13 @@ def demo(
     dense.image.save(out / "edit_dense.png")
     mask_image(rect, engine.vae_scale).save(out / "mask.png")
     overlay(base.image, rect, engine.vae_scale).save(out / "mask_overlay.png")
+    tiles = [
+        (base.image, f"original: {DEMO_PROMPT}"),
+        (overlay(base.image, rect, engine.vae_scale), "mask"),
+        (sparse.image, f"sparse edit: {DEMO_EDIT}"),
+        (dense.image, "dense regeneration, same seed"),
+    ]
+    labeled_grid(tiles, columns=4, scale=max(1, 192 // size), label_lines=4).save(out / "demo.png")
     typer.echo(f"original: {DEMO_PROMPT!r}\nedit:     {DEMO_EDIT!r}\nimages in {out}/")
     typer.echo(report([("generate", base), ("edit sparse", sparse), ("edit dense", dense)]))
 
@@ -153,13 +165,29 @@ def train(
     minutes: Annotated[float, typer.Option(help="Wall-clock budget of the U-Net stage.")] = 100.0,
     vae_steps: Annotated[int, typer.Option(help="Autoencoder training steps.")] = 800,
     batch_size: int = 32,
+    lr: float = 1e-3,
+    init: Annotated[
+        Path | None, typer.Option(help="A model folder to fine-tune instead of starting from scratch.")
+    ] = None,
     seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto (a GPU when there is one), cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on a GPU), bf16 or fp32.")] = "auto",
 ) -> None:
-    """Train the scenes model from scratch (see fisedit_ray.train)."""
+    """Train the scenes model from scratch, or fine-tune one with --init (see fisedit_ray.train)."""
     from fisedit_ray.train import TrainConfig
     from fisedit_ray.train import train as run_training
 
-    config = TrainConfig(out=str(out), minutes=minutes, vae_steps=vae_steps, batch_size=batch_size, seed=seed)
+    config = TrainConfig(
+        out=str(out),
+        minutes=minutes,
+        vae_steps=vae_steps,
+        batch_size=batch_size,
+        lr=lr,
+        init=str(init) if init else None,
+        seed=seed,
+        device=device,
+        precision=precision,
+    )
     run_training(config, log=lambda line: typer.echo(line))
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 from fisedit_ray.cache import ActivationCache, CacheRecorder, parse_dtype
 from fisedit_ray.macs import count_macs
 from fisedit_ray.masks import MaskLike, MaskPyramid, to_latent_mask
-from fisedit_ray.models import load_pipeline
+from fisedit_ray.models import DEFAULT_MODEL, load_pipeline
 from fisedit_ray.reference import LockstepHooks
 from fisedit_ray.sparse_unet import GatherPlans, SparseUNet
 
@@ -97,7 +97,7 @@ class EditEngine:
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str = "tiny",
+        name_or_path: str = DEFAULT_MODEL,
         *,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",

@@ -1,12 +1,14 @@
-"""Model loading: the embedded "tiny" default, local diffusers folders, and hub ids on a user's machine.
+"""Model loading: the embedded models, local diffusers folders, and hub ids on a user's machine.
 
-"tiny" is built from explicit configs with seeded weights and a word-level tokenizer made with the
-`tokenizers` library, so tests and the default run never download anything.
+"scenes" (the default) is the model trained by `fisedit_ray.train` on the synthetic scenes world,
+shipped in the package as a diffusers folder. "tiny" / "tiny-sd2" are built from explicit configs
+with seeded (untrained) weights, for tests. None of them downloads anything.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +20,9 @@ from diffusers import (
 )
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+DEFAULT_MODEL = "scenes"
+SCENES_MODEL_DIR = Path(__file__).parent / "weights" / "scenes"
 
 BOS, EOS, PAD, UNK = "<|startoftext|>", "<|endoftext|>", "<pad>", "<unk>"
 
@@ -153,11 +158,16 @@ def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler=None) -> Sta
     return pipe
 
 
-def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """`tiny` / `tiny-sd2`: the embedded models; otherwise a diffusers Stable Diffusion folder or hub id."""
+def load_pipeline(
+    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32
+) -> StableDiffusionPipeline:
+    """`scenes`, `tiny`, `tiny-sd2`: the embedded models; otherwise a diffusers Stable Diffusion folder
+    or hub id."""
     if name_or_path in ("tiny", "tiny-sd1", "tiny-sd2"):
         pipe = build_tiny_pipeline("sd2" if name_or_path == "tiny-sd2" else "sd1")
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    if name_or_path == "scenes":
+        name_or_path = str(SCENES_MODEL_DIR)
     local = os.path.isdir(name_or_path)
     if not local and name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model folder {name_or_path!r} does not exist")

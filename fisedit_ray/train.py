@@ -1,13 +1,15 @@
 """Train the scenes model from scratch: a Stable Diffusion-architecture VAE, U-Net and CLIP text
-encoder on the synthetic scenes world. One command, fixed seeds, resumable, CPU-friendly:
+encoder on the synthetic scenes world. One command, fixed seeds, resumable, on a CPU or a GPU:
 
-    fisedit train --out out/train-scenes --minutes 100
+    fisedit train --out out/train-scenes --minutes 100                 # 2-core CPU
+    fisedit train --out out/train-scenes --minutes 6 --batch-size 256  # one GPU (bf16 autocast)
 
 Stage 1 trains the autoencoder (64 x 64 images -> 32 x 32 x 4 latents), stage 2 the U-Net and text
-encoder together on the frozen autoencoder's latents (epsilon prediction, 10% empty captions for
-classifier-free guidance, EMA weights). Checkpoints land in the output folder every few minutes; a
-rerun with the same folder resumes. The result is a diffusers folder (`model/`) plus `losses.json`
-and `losses.png`.
+encoder together on the frozen autoencoder's latents (v-prediction with min-SNR loss weights, see
+`loss_weights`; 10% empty captions for classifier-free guidance; EMA weights). Scenes are rendered on
+the fly, batched on the training device. Checkpoints land in the output folder every few minutes; a
+rerun with the same folder resumes; `--init FOLDER` fine-tunes an exported model instead of starting
+from scratch. The result is a diffusers folder (`model/`) plus `losses.json` and `losses.png`.
 """
 
 from __future__ import annotations
@@ -21,15 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    UNet2DConditionModel,
-)
-from diffusers.training_utils import EMAModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel, compute_snr
+from transformers import CLIPTextModel
 
 from fisedit_ray.models import SD_SCHEDULER_CONFIG, assemble_pipeline, build_text_encoder, build_tokenizer
-from fisedit_ray.scenes import random_scene, vocabulary
+from fisedit_ray.scenes import random_scene, render_batch, vocabulary
 
 UNET_CONFIG = dict(
     sample_size=32,
@@ -71,31 +70,62 @@ class TrainConfig:
     warmup: int = 200
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
+    prediction_type: str = "v_prediction"  # or "epsilon"
+    snr_gamma: float = 5.0
+    init: str | None = None  # a diffusers folder to start from (its VAE, U-Net and text encoder)
     checkpoint_minutes: float = 5.0
     seed: int = 0
+    device: str = "auto"  # "cuda" when available, else "cpu"
+    precision: str = "auto"  # "bf16" autocast on a GPU, "fp32" on a CPU
 
 
-def scene_batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[str]]:
+def scene_batch(rng: random.Random, size: int, device="cpu") -> tuple[torch.Tensor, list[str]]:
+    """`size` random scenes: images in [-1, 1] on `device`, and their captions."""
     scenes = [random_scene(rng.randrange(2**62)) for _ in range(size)]
-    images = np.stack([np.asarray(s.render()) for s in scenes]).astype(np.float32) / 127.5 - 1.0
-    return torch.from_numpy(images).permute(0, 3, 1, 2), [s.caption for s in scenes]
+    images = render_batch(scenes, device=device).float() / 127.5 - 1.0
+    return images, [s.caption for s in scenes]
+
+
+def resolve(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
+    """The device, and the autocast dtype (None: plain float32)."""
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if cfg.device == "auto" else cfg.device)
+    precision = ("bf16" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be 'bf16' or 'fp32', not {precision!r}")
+    return device, torch.bfloat16 if precision == "bf16" else None
+
+
+def loss_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample weights of the prediction MSE. Both objectives weigh the clean-latent error by
+    min(SNR, gamma) (min-SNR); v-prediction adds 1, so the high-noise steps, where the layout and the
+    caption's binding are decided, are not discounted to nothing (epsilon's weight there is SNR ~ 0)."""
+    snr = compute_snr(scheduler, t)
+    if scheduler.config.prediction_type == "v_prediction":
+        return (snr.clamp(max=gamma) + 1) / (snr + 1)
+    return snr.clamp(max=gamma) / snr
 
 
 def train_vae(cfg: TrainConfig, out: Path, log) -> AutoencoderKL:
+    device, autocast = resolve(cfg)
+    if cfg.init:
+        log(f"stage 1: autoencoder from {cfg.init}")
+        return AutoencoderKL.from_pretrained(cfg.init, subfolder="vae", torch_dtype=torch.float32).to(device)
     path = out / "vae"
     if (path / "config.json").exists():
         log(f"stage 1: autoencoder found in {path}")
-        return AutoencoderKL.from_pretrained(path)
+        return AutoencoderKL.from_pretrained(path).to(device)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    vae = AutoencoderKL(**VAE_CONFIG)
+    vae = AutoencoderKL(**VAE_CONFIG).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     losses = []
     for step in range(cfg.vae_steps):
-        images, _ = scene_batch(rng, cfg.batch_size)
-        posterior = vae.encode(images).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        loss = F.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
+        images, _ = scene_batch(rng, cfg.batch_size, device)
+        with torch.autocast(device.type, autocast, enabled=autocast is not None):
+            posterior = vae.encode(images).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(recon.float(), images) + 1e-6 * posterior.kl().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -104,7 +134,7 @@ def train_vae(cfg: TrainConfig, out: Path, log) -> AutoencoderKL:
             log(f"stage 1: step {step} loss {np.mean(losses[-100:]):.5f}")
     vae.eval()
     with torch.no_grad():  # SD convention: scale latents to unit variance
-        images, _ = scene_batch(random.Random(cfg.seed + 1), 256)
+        images, _ = scene_batch(random.Random(cfg.seed + 1), 256, device)
         std = vae.encode(images).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     vae.save_pretrained(path)
@@ -112,33 +142,48 @@ def train_vae(cfg: TrainConfig, out: Path, log) -> AutoencoderKL:
     return vae
 
 
+def denoiser(cfg: TrainConfig, tokenizer) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """A fresh U-Net and text encoder, or those of `cfg.init`."""
+    if not cfg.init:
+        return UNet2DConditionModel(**UNET_CONFIG), build_text_encoder(tokenizer, **TEXT_CONFIG)
+    unet = UNet2DConditionModel.from_pretrained(cfg.init, subfolder="unet", torch_dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(cfg.init, subfolder="text_encoder", dtype=torch.float32)
+    if text_encoder.config.vocab_size != len(tokenizer):
+        raise ValueError(f"{cfg.init}: its text encoder does not match the scenes vocabulary")
+    return unet, text_encoder
+
+
 def train(cfg: TrainConfig, log=print) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    device, autocast = resolve(cfg)
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
+    log(f"training on {device} ({'float32' if autocast is None else 'bfloat16 autocast'})")
     torch.manual_seed(cfg.seed)
     vae = train_vae(cfg, out, log).requires_grad_(False)
     tokenizer = build_tokenizer(MAX_TOKENS, vocabulary())
-    unet = UNet2DConditionModel(**UNET_CONFIG)
-    text_encoder = build_text_encoder(tokenizer, **TEXT_CONFIG)
+    unet, text_encoder = (m.to(device) for m in denoiser(cfg, tokenizer))
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
-    ema_unet = EMAModel(unet.parameters(), decay=cfg.ema_decay)
-    ema_text = EMAModel(text_encoder.parameters(), decay=cfg.ema_decay)
-    noise_scheduler = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    ema_unet = EMAModel(unet.parameters(), decay=cfg.ema_decay, foreach=True)
+    ema_text = EMAModel(text_encoder.parameters(), decay=cfg.ema_decay, foreach=True)
+    noise_scheduler = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG, prediction_type=cfg.prediction_type)
     state = {"step": 0, "seconds": 0.0, "losses": []}
     rng = random.Random(cfg.seed + 2)
+    generator = torch.Generator(device).manual_seed(cfg.seed + 3)
     checkpoint = out / "checkpoint.pt"
     if checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=False)
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
         unet.load_state_dict(saved["unet"])
         text_encoder.load_state_dict(saved["text_encoder"])
         opt.load_state_dict(saved["opt"])
-        ema_unet.load_state_dict(saved["ema_unet"])
-        ema_text.load_state_dict(saved["ema_text"])
+        for ema, key in ((ema_unet, "ema_unet"), (ema_text, "ema_text")):
+            ema.load_state_dict(saved[key])
+            ema.to(device)
         state = saved["state"]
         rng.setstate(saved["rng"])
-        torch.set_rng_state(saved["torch_rng"])
+        generator.set_state(saved["generator"])
         log(f"stage 2: resumed at step {state['step']} ({state['seconds'] / 60:.1f} min done)")
 
     def save_checkpoint():
@@ -151,7 +196,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 "ema_text": ema_text.state_dict(),
                 "state": state,
                 "rng": rng.getstate(),
-                "torch_rng": torch.get_rng_state(),
+                "generator": generator.get_state(),
             },
             checkpoint.with_suffix(".tmp"),
         )
@@ -161,16 +206,21 @@ def train(cfg: TrainConfig, log=print) -> Path:
     last_checkpoint = time.perf_counter()
     while state["seconds"] < budget and (cfg.max_steps is None or state["step"] < cfg.max_steps):
         start = time.perf_counter()
-        images, captions = scene_batch(rng, cfg.batch_size)
+        images, captions = scene_batch(rng, cfg.batch_size, device)
         captions = ["" if rng.random() < cfg.caption_dropout else c for c in captions]
         ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
-        with torch.no_grad():
-            latents = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
-        noisy = noise_scheduler.add_noise(latents, noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        with torch.autocast(device.type, autocast, enabled=autocast is not None):
+            with torch.no_grad():
+                latents = vae.encode(images).latent_dist.mean.float() * vae.config.scaling_factor
+            noise = torch.randn(latents.shape, generator=generator, device=device)
+            t = torch.randint(0, len(noise_scheduler), (len(latents),), generator=generator, device=device)
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids.to(device))[0]).sample
+        target = (
+            noise if cfg.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
+        )
+        mse = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        loss = (mse * loss_weights(noise_scheduler, t, cfg.snr_gamma)).mean()
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (state["step"] + 1) / cfg.warmup)
         opt.zero_grad()
@@ -179,7 +229,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         opt.step()
         ema_unet.step(unet.parameters())
         ema_text.step(text_encoder.parameters())
-        state["losses"].append(loss.item())
+        state["losses"].append(mse.mean().item())  # the plain prediction MSE
         state["step"] += 1
         state["seconds"] += time.perf_counter() - start
         if state["step"] % 100 == 0:
@@ -191,25 +241,30 @@ def train(cfg: TrainConfig, log=print) -> Path:
     save_checkpoint()
     ema_unet.copy_to(unet.parameters())
     ema_text.copy_to(text_encoder.parameters())
-    model_dir = export(out / "model", unet, vae, text_encoder, tokenizer)
-    write_loss_report(out, state)
+    scheduler = DDIMScheduler.from_config(SD_SCHEDULER_CONFIG, prediction_type=cfg.prediction_type)
+    model_dir = export(out / "model", unet.cpu(), vae.cpu(), text_encoder.cpu(), tokenizer, scheduler)
+    write_loss_report(out, state, cfg.prediction_type)
     log(f"done: {state['step']} steps in {state['seconds'] / 60:.1f} min; model in {model_dir}")
     return model_dir
 
 
-def export(path: Path, unet, vae, text_encoder, tokenizer) -> Path:
+def export(path: Path, unet, vae, text_encoder, tokenizer, scheduler) -> Path:
     """A diffusers Stable Diffusion folder, weights in float16 to keep the package small."""
-    pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer)
+    pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler)
     pipe.to(torch.float16).save_pretrained(path)
     pipe.to(torch.float32)
     return path
 
 
-def write_loss_report(out: Path, state: dict) -> None:
+def write_loss_report(out: Path, state: dict, prediction_type: str) -> None:
     losses = state["losses"]
-    (out / "losses.json").write_text(
-        json.dumps({"steps": state["step"], "seconds": state["seconds"], "losses": losses})
-    )
+    report = {
+        "steps": state["step"],
+        "seconds": state["seconds"],
+        "target": prediction_type,
+        "losses": losses,
+    }
+    (out / "losses.json").write_text(json.dumps(report))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,7 +277,7 @@ def write_loss_report(out: Path, state: dict) -> None:
     ax.plot(np.arange(len(smooth)) + window - 1, smooth, label=f"mean of {window}")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("epsilon MSE")
+    ax.set_ylabel(f"{prediction_type} MSE")
     ax.set_title(f"scenes model: {state['step']} steps, {state['seconds'] / 60:.0f} min")
     ax.legend()
     fig.tight_layout()

@@ -48,7 +48,7 @@ def test_generate_then_edit_twice_continues_the_session(tmp_path, mask_png):
     # the saved sparse edit is the edit the engine computes from the reloaded parent
     from fisedit_ray import EditEngine
 
-    engine = EditEngine.from_pretrained("tiny")
+    engine = EditEngine.from_pretrained(reopened.model)  # the default, scenes
     again = engine.edit(reopened.get("v0"), "a blue circle at the top left", mask=Image.open(mask_png))
     assert np.array_equal(np.asarray(again.latents), np.asarray(v1.latents))
 
@@ -59,6 +59,7 @@ def test_demo_writes_images_and_table(tmp_path):
     for name in ("original.png", "edit_sparse.png", "edit_dense.png", "mask.png", "mask_overlay.png"):
         assert Image.open(tmp_path / name).size == (32, 32)
     assert "edit sparse" in result.output and "U-Net GMACs run" in result.output
+    assert Image.open(tmp_path / "demo.png").width == 4 * 32 * (192 // 32)  # four tiles side by side
 
 
 def test_missing_session_is_a_clear_error(tmp_path, mask_png):

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 
 from fisedit_ray.detector import cells_correct, detect
-from fisedit_ray.scenes import EDIT_KINDS, Scene, SceneObject, random_edit, random_scene, vocabulary
+from fisedit_ray.scenes import (
+    EDIT_KINDS,
+    Scene,
+    SceneObject,
+    random_edit,
+    random_scene,
+    render_batch,
+    vocabulary,
+)
 
 
 def test_caption_grammar_reads_cells_in_order():
@@ -63,3 +71,10 @@ def test_impossible_edits_are_refused():
     full = Scene(tuple(SceneObject("circle", "red", c) for c in range(9)))
     with pytest.raises(ValueError, match="no empty cell"):
         random_edit(full, "add", seed=0)
+
+
+def test_batched_rendering_equals_one_at_a_time():
+    scenes = [random_scene(s) for s in range(200)] + [Scene()]
+    batch = render_batch(scenes).permute(0, 2, 3, 1).numpy()
+    assert batch.dtype == np.uint8
+    assert np.array_equal(batch, np.stack([np.asarray(s.render()) for s in scenes]))
