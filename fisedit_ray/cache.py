@@ -2,11 +2,18 @@
 
 Per step and per cache point (named after the U-Net module it feeds):
 - `norm_input`: the input of a group norm, as a token-major map `[B, cells, C]`, plus `:stats`, the
-  per-group sums and sums of squares of the stored values (float64, `[2, B, G]`);
+  per-group sums and sums of squares of the stored values (float64, `[2, B, G]`); an up-block
+  resnet's input `cat([h, skip])` keeps `h` only, as its skip is the input of a down-path layer,
+  stored there (`skip_sources`);
+- `norm_cell_sums`: for a group norm whose output no conv reads (a transformer's), only per-cell
+  group sums `[B, cells, 2G]` (float32), all that its statistics need, plus `:stats` (where that is
+  smaller than the input itself: wide maps, few groups);
 - `attn_key` / `attn_value`: a self-attention's keys and values `[B, cells, C]`;
 - `down_input` / `up_input`: the input of a downsampler or upsampler `[B, cells, C]`.
 Every other value sparse execution needs is recomputed from these: a conv halo that reads a group
 norm's output is normalised on the fly with the statistics of the version that computed the cell.
+Maps are stored in the storage dtype, or as `int8` with one float16 scale per cell (`:scale`),
+quantised per cell so that a cell's stored value never depends on other cells.
 The trajectory (latents before every step and the guided noise predictions) is kept as computed,
 never in the storage dtype, so that an empty edit reproduces its parent bit for bit.
 
@@ -26,12 +33,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fisedit_ray.kernels.gather import scatter_rows
-from fisedit_ray.kernels.group_norm import group_norm_act, group_stats, group_sums
-from fisedit_ray.unet_layout import ATTN_KEY, ATTN_VALUE, cache_points, tokens
+from fisedit_ray.kernels.group_norm import cell_sums, group_norm_act, group_stats, group_sums, sum_cells
+from fisedit_ray.unet_layout import (
+    ATTN_KEY,
+    ATTN_VALUE,
+    NORM_CELL_SUMS,
+    NORM_INPUT,
+    cache_points,
+    skip_sources,
+    tokens,
+)
 
 STATS = ":stats"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FORMAT_VERSION = 1
+SCALE = ":scale"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
+FORMAT_VERSION = 2
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -56,6 +72,7 @@ class ActivationCache:
     sizes: list[tuple[int, int]]
     kinds: dict[str, str] = field(default_factory=dict)
     levels: dict[str, int] = field(default_factory=dict)
+    skips: dict[str, str] = field(default_factory=dict)  # up-block resnet key -> key holding its skip
     steps: list[dict[str, torch.Tensor]] = field(default_factory=list)
     latents: list[torch.Tensor] = field(default_factory=list)
     noise_preds: list[torch.Tensor] = field(default_factory=list)
@@ -71,6 +88,7 @@ class ActivationCache:
             list(parent.sizes),
             dict(parent.kinds),
             dict(parent.levels),
+            dict(parent.skips),
             parent=parent,
             cells=tuple(c.cpu() for c in cells),
         )
@@ -83,8 +101,46 @@ class ActivationCache:
     def num_steps(self) -> int:
         return len(self.steps)
 
-    def store(self, values: torch.Tensor) -> torch.Tensor:
-        return values.detach().to(self.storage_dtype).contiguous()
+    # ---- storage format -----------------------------------------------------------------------
+    def cell_sums_are_smaller(self, channels: int, groups: int) -> bool:
+        element = torch.empty(0, dtype=self.storage_dtype).element_size()
+        return 2 * groups * 4 < channels * element
+
+    def encode(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`values` `[B, N, C]` as stored: in the storage dtype, or int8 with a float16 scale per cell."""
+        values = values.detach()
+        if self.storage_dtype != torch.int8:
+            return values.to(self.storage_dtype).contiguous(), None
+        amax = values.abs().amax(dim=-1, keepdim=True).float()
+        scale = (amax / 127).clamp(min=2**-14, max=65504).half()  # normal float16 range
+        q = (values.float() / scale.float()).round().clamp(-127, 127).to(torch.int8)
+        return q.contiguous(), scale.contiguous()
+
+    @staticmethod
+    def decode(payload: torch.Tensor, scale: torch.Tensor | None, dtype=torch.float32) -> torch.Tensor:
+        if scale is None:
+            return payload.to(dtype)
+        return (payload.float() * scale.float()).to(dtype)
+
+    def put(
+        self, into: dict, key: str, values: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Store the map `values` `[B, N, C]` under `key` in the step dict `into` (only `rows`, if
+        given) and return all of it as a reader will see it (float32), for its statistics. An
+        up-block resnet's input keeps its `h` part; its skip part is read from the skip's own key."""
+        skip = self.skips.get(key)
+        tail = None
+        if skip is not None:
+            c = into[skip].shape[-1]
+            values, tail = values[..., :-c], self.decode(*self.encode(values[..., -c:]))
+        payload, scale = self.encode(values)
+        decoded = self.decode(payload, scale)
+        if rows is not None:
+            payload, scale = payload[:, rows], None if scale is None else scale[:, rows]
+        into[key] = payload
+        if scale is not None:
+            into[key + SCALE] = scale
+        return decoded if tail is None else torch.cat([decoded, tail], dim=-1)
 
     def rank(self, level: int) -> torch.Tensor:
         if self._rank is None:
@@ -115,7 +171,7 @@ class ActivationCache:
         for step in self.steps:
             total = 0
             for key, t in step.items():
-                kind = "group_stats" if key.endswith(STATS) else self.kinds[key]
+                kind = "group_stats" if key.endswith(STATS) else self.kinds[key.removesuffix(SCALE)]
                 per_kind[kind] += t.nbytes
                 total += t.nbytes
             per_step.append(total)
@@ -142,6 +198,7 @@ class ActivationCache:
             "sizes": [list(s) for s in self.sizes],
             "kinds": self.kinds,
             "levels": self.levels,
+            "skips": self.skips,
             "num_steps": self.num_steps,
             "delta": self.is_delta,
         }
@@ -175,6 +232,7 @@ class ActivationCache:
             [tuple(s) for s in meta["sizes"]],
             meta["kinds"],
             {k: int(v) for k, v in meta["levels"].items()},
+            meta["skips"],
             steps,
             [trajectory[f"latents/{i:04d}"] for i in range(meta["num_steps"] + 1)],
             [trajectory[f"noise_pred/{i:04d}"] for i in range(meta["num_steps"])],
@@ -191,10 +249,22 @@ class CacheReader:
         self.parent = cache.parent.reader(step, device, dtype) if cache.parent is not None else None
 
     def _stored(self, key: str, rows: torch.Tensor | None = None) -> torch.Tensor:
-        stored = self.cache.steps[self.step][key]
+        """This version's own stored rows of `key`, decoded (per-cell sums stay float32)."""
+        step = self.cache.steps[self.step]
+        payload, scale = step[key], step.get(key + SCALE)
         if rows is not None:
-            stored = stored[:, rows.to(stored.device)]
-        return stored.to(self.device, self.dtype, non_blocking=True)
+            rows = rows.to(payload.device)
+            payload, scale = payload[:, rows], None if scale is None else scale[:, rows]
+        payload = payload.to(self.device, non_blocking=True)
+        if self.cache.kinds[key] == NORM_CELL_SUMS:
+            return payload
+        if scale is not None:
+            scale = scale.to(self.device, non_blocking=True)
+        values = self.cache.decode(payload, scale, self.dtype)
+        skip = self.cache.skips.get(key)
+        if skip is not None:
+            values = torch.cat([values, self._stored(skip, rows)], dim=-1)
+        return values
 
     def _inherits(self, key: str) -> bool:
         """Whether this step of a delta left `key` entirely to the parent (an empty edit)."""
@@ -255,6 +325,7 @@ class CacheRecorder:
 
     def __init__(self, unet: torch.nn.Module, cache: ActivationCache):
         self.cache = cache
+        cache.skips = cache.skips or skip_sources(unet)
         self.current: dict[str, torch.Tensor] | None = None
         self.handles = []
         for key, kind, module, groups in cache_points(unet):
@@ -269,14 +340,21 @@ class CacheRecorder:
         if self.current is None:
             return
         level = self.cache.sizes.index(self._size_of(tokens))
-        stored = self.cache.store(tokens)
+        if kind == NORM_CELL_SUMS and not self.cache.cell_sums_are_smaller(tokens.shape[-1], groups):
+            kind = NORM_INPUT
         self.cache.kinds[key] = kind
         self.cache.levels[key] = level
+        rows = None
+        if self.cache.cells is not None:  # a delta keeps the active cells only
+            rows = self.cache.cells[level].to(tokens.device)
+        if kind == NORM_CELL_SUMS:
+            sums = cell_sums(tokens, groups)
+            self.current[key + STATS] = sum_cells(sums)
+            self.current[key] = sums if rows is None else sums[:, rows]
+            return
+        stored = self.cache.put(self.current, key, tokens, rows)
         if groups is not None:
             self.current[key + STATS] = group_sums(stored, groups)
-        if self.cache.cells is not None:  # a delta keeps the active cells only
-            stored = stored[:, self.cache.cells[level].to(stored.device)]
-        self.current[key] = stored
 
     def _size_of(self, tokens: torch.Tensor) -> tuple[int, int]:
         for size in self.cache.sizes:

@@ -5,7 +5,8 @@ on token-major values of the active cells. Inputs outside the mask come from the
 - a conv reads its halo (inactive neighbours of active outputs) from the cached input, passed through
   the parent's own group norm and SiLU where the conv follows one;
 - a group norm uses the exact statistics of the mixed map: the parent's sums, minus the parent's
-  active cells, plus the new active cells;
+  active cells, plus the new active cells (a transformer's norm reads per-cell sums: no conv reads
+  its output, so the cache keeps no values of it);
 - self-attention takes queries from active tokens, keys/values fresh inside and cached outside;
 - everything per token (projections, cross-attention, feed-forward, norms) runs on active tokens.
 What an edit must store for its own children (its delta) is recorded on the way.
@@ -22,11 +23,11 @@ from torch import nn
 
 from fisedit_ray.cache import STATS, ActivationCache, CacheReader
 from fisedit_ray.kernels.attention import active_query_attention
-from fisedit_ray.kernels.conv import sparse_conv2d
+from fisedit_ray.kernels.conv import conv_matrix, sparse_conv2d
 from fisedit_ray.kernels.gather import conv_input_positions, gather_plan
-from fisedit_ray.kernels.group_norm import group_norm_act, group_stats, group_sums
+from fisedit_ray.kernels.group_norm import cell_sums, group_norm_act, group_stats, group_sums, sum_cells
 from fisedit_ray.masks import MaskPyramid
-from fisedit_ray.unet_layout import level_sizes, tokens, validate_unet
+from fisedit_ray.unet_layout import NORM_CELL_SUMS, level_sizes, tokens, validate_unet
 
 
 @dataclass
@@ -64,12 +65,27 @@ class GatherPlans:
 
 
 class SparseUNet:
-    """Runs `unet` on the active cells of a mask pyramid, reading the rest from a parent's cache."""
+    """Runs `unet` on the active cells of a mask pyramid, reading the rest from a parent's cache.
+
+    Holds each k x k conv's weight a second time, laid out for the patch GEMM (`conv_matrix`): about
+    60% more weight memory for a Stable Diffusion U-Net, for a sparse conv that moves half the data.
+    """
 
     def __init__(self, unet: UNet2DConditionModel):
         validate_unet(unet)
         self.unet = unet
         self.names = {m: n for n, m in unet.named_modules()}
+        self._matrices: dict[nn.Conv2d, tuple[tuple, torch.Tensor]] = {}
+
+    def conv_matrix(self, conv: nn.Conv2d) -> torch.Tensor:
+        """`conv`'s weight as a GEMM matrix, laid out once per weight tensor (again if it changes)."""
+        w = conv.weight
+        identity = (w.data_ptr(), w._version, w.dtype, w.device)
+        cached = self._matrices.get(conv)
+        if cached is None or cached[0] != identity:
+            cached = (identity, conv_matrix(w.detach()))
+            self._matrices[conv] = cached
+        return cached[1]
 
     def level_sizes(self, latent_size: tuple[int, int]) -> list[tuple[int, int]]:
         return level_sizes(self.unet, latent_size)
@@ -98,7 +114,7 @@ class _Run:
     """One sparse U-Net forward; mirrors `UNet2DConditionModel.forward` block by block."""
 
     def __init__(self, sparse: SparseUNet, sample, timestep, text, parent, plans, record, store):
-        self.unet, self.names = sparse.unet, sparse.names
+        self.sparse, self.unet, self.names = sparse, sparse.unet, sparse.names
         self.sample, self.text, self.parent, self.plans = sample, text, parent, plans
         self.record, self.store = record, store
         self.pyramid = plans.pyramid
@@ -145,7 +161,7 @@ class _Run:
     # ---- cache access -------------------------------------------------------------------------
     def put(self, key: str, values: torch.Tensor) -> None:
         if self.record is not None:
-            self.record[key] = self.store.store(values)
+            self.store.put(self.record, key, values)
 
     # ---- operators ----------------------------------------------------------------------------
     def conv(self, conv: nn.Conv2d, x: Active, halo_of, out_level=None, upsampled=False) -> Active:
@@ -159,26 +175,34 @@ class _Run:
             halo = halo_of(halo_cells)
         else:
             halo = x.values.new_zeros(x.values.shape[0], 0, x.values.shape[2])
-        out = sparse_conv2d(x.values, halo, index, conv.weight, conv.bias)
+        out = sparse_conv2d(x.values, halo, index, self.sparse.conv_matrix(conv), conv.bias)
         return Active(out, out_level)
 
     def norm_act(self, norm: nn.GroupNorm, key: str, x: Active, silu: bool):
         """Group norm (+ SiLU) of the mixed map at active cells, and the halo function for the conv
-        that reads it: the parent's own normalised values."""
+        that reads it: the parent's own normalised values. Where no conv reads the output the cache
+        may hold per-cell sums of the norm's input instead of the input (`NORM_CELL_SUMS`)."""
+        sums_only = self.parent.cache.kinds[key] == NORM_CELL_SUMS
         cells = self.pyramid.cells[x.level]
         hw = self.pyramid.masks[x.level].numel()
-        count = hw * x.values.shape[-1] // norm.num_groups
+        groups = norm.num_groups
+        count = hw * x.values.shape[-1] // groups
         parent_sums = self.parent.stats(key)
-        parent_active = self.parent.gather(key, cells)
-        removed = group_sums(parent_active, norm.num_groups)
-        sums = parent_sums - removed + group_sums(x.values, norm.num_groups)
+        if sums_only:
+            removed = sum_cells(self.parent.gather(key, cells))
+            new_cells = cell_sums(x.values, groups)
+            sums = parent_sums - removed + sum_cells(new_cells)
+        else:
+            removed = group_sums(self.parent.gather(key, cells), groups)
+            sums = parent_sums - removed + group_sums(x.values, groups)
         mean, rstd = group_stats(sums, count, norm.eps)
         y = group_norm_act(x.values, mean, rstd, norm.weight, norm.bias, silu)
         if self.record is not None:
-            stored = self.store.store(x.values)
-            self.record[key] = stored
-            if stored.dtype != x.values.dtype:  # statistics of what is stored, not of what was computed
-                sums = parent_sums - removed + group_sums(stored, norm.num_groups)
+            if sums_only:
+                self.record[key] = new_cells
+            else:  # statistics of what is stored, not of what was computed
+                stored = self.store.put(self.record, key, x.values)
+                sums = parent_sums - removed + group_sums(stored, groups)
             self.record[key + STATS] = sums
 
         def halo(halo_cells: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 NORM_INPUT = "norm_input"
+NORM_CELL_SUMS = "norm_cell_sums"  # a group norm whose output no conv reads: per-cell group sums suffice
 ATTN_KEY = "attn_key"
 ATTN_VALUE = "attn_value"
 DOWN_INPUT = "down_input"
@@ -111,7 +112,7 @@ def cache_points(unet: UNet2DConditionModel) -> Iterator[tuple[str, str, nn.Modu
             yield f"{name}.norm1", NORM_INPUT, m.norm1, m.norm1.num_groups
             yield f"{name}.norm2", NORM_INPUT, m.norm2, m.norm2.num_groups
         elif isinstance(m, Transformer2DModel):
-            yield f"{name}.norm", NORM_INPUT, m.norm, m.norm.num_groups
+            yield f"{name}.norm", NORM_CELL_SUMS, m.norm, m.norm.num_groups
         elif isinstance(m, BasicTransformerBlock):
             yield f"{name}.attn1.to_k", ATTN_KEY, m.attn1.to_k, None
             yield f"{name}.attn1.to_v", ATTN_VALUE, m.attn1.to_v, None
@@ -120,6 +121,26 @@ def cache_points(unet: UNet2DConditionModel) -> Iterator[tuple[str, str, nn.Modu
         elif isinstance(m, Upsample2D):
             yield name, UP_INPUT, m, None
     yield "conv_norm_out", NORM_INPUT, unet.conv_norm_out, unet.conv_norm_out.num_groups
+
+
+def skip_sources(unet: UNet2DConditionModel) -> dict[str, str]:
+    """For each up-block resnet, the cache point that already holds its skip connection.
+
+    An up-block resnet's input is `cat([h, skip])`, and each skip is the input of the next layer on
+    the down path (a resnet, a downsampler or the mid block), which the cache stores anyway: the
+    resnet's own cache point keeps `h` only. Skips are pushed in down-path order and popped from the
+    end, as in `UNet2DConditionModel.forward`."""
+    pushed = []  # the cache point holding each skip, in push order
+    for b, block in enumerate(unet.down_blocks):
+        pushed += [f"down_blocks.{b}.resnets.{i}.norm1" for i in range(len(block.resnets))]
+        if block.downsamplers is not None:
+            pushed.append(f"down_blocks.{b}.downsamplers.0.conv")
+    pushed.append("mid_block.resnets.0.norm1")
+    sources = {}
+    for u, block in enumerate(unet.up_blocks):
+        for i in range(len(block.resnets)):
+            sources[f"up_blocks.{u}.resnets.{i}.norm1"] = pushed.pop()
+    return sources
 
 
 def spatial_leaf_modules(unet: UNet2DConditionModel) -> Iterator[tuple[str, nn.Module]]:

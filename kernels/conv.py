@@ -3,26 +3,40 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+
+def conv_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A conv weight `[Cout, Cin, kh, kw]` as the GEMM matrix `[Cout, kh * kw * Cin]`, taps outermost.
+
+    Gathered patches come out tap-major (`[N, taps, Cin]`); laying the weight out the same way once
+    saves transposing every patch matrix (as much data moved as the gather itself)."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
+
+
+def gather_rows(active: torch.Tensor, halo: torch.Tensor) -> torch.Tensor:
+    """The rows a gather plan's `index` addresses: `cat([active, halo, zero_row])` `[B, N+M+1, C]`."""
+    b, _, c = active.shape
+    return torch.cat([active, halo.to(active.dtype), active.new_zeros(b, 1, c)], dim=1)
 
 
 def sparse_conv2d(
     active: torch.Tensor,
     halo: torch.Tensor,
     index: torch.Tensor,
-    weight: torch.Tensor,
+    matrix: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """Convolution outputs at the cells described by `index` (see `gather_plan`).
 
     `active` `[B, N, Cin]` and `halo` `[B, M, Cin]` are the conv input's values at active and halo
-    cells, `weight` the conv's own `[Cout, Cin, kh, kw]` (used in place: patches are laid out
-    (cin, ky, kx) to match it); returns `[B, len(index), Cout]`.
+    cells, `matrix` the conv weight as laid out by `conv_matrix`; returns `[B, len(index), Cout]`.
     """
-    b, _, c = active.shape
+    rows = gather_rows(active, halo)
+    b, r, c = rows.shape
     n, taps = index.shape
-    zero = active.new_zeros(b, 1, c)
-    rows = torch.cat([active, halo.to(active.dtype), zero], dim=1)
-    patches = rows.index_select(1, index.reshape(-1)).reshape(b, n, taps, c).transpose(2, 3)
-    out = F.linear(patches.reshape(b * n, c * taps), weight.reshape(weight.shape[0], -1), bias)
+    # One row gather over the batch-flattened rows: index_select along dim 0 of a 2-D tensor is a
+    # plain row copy, several times faster on a CPU than along dim 1 of a 3-D one.
+    flat = (index.reshape(1, -1) + r * torch.arange(b, device=index.device)[:, None]).reshape(-1)
+    patches = rows.reshape(b * r, c).index_select(0, flat).reshape(b * n, taps * c)
+    out = torch.nn.functional.linear(patches, matrix, bias)
     return out.reshape(b, n, -1)

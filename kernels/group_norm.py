@@ -16,6 +16,22 @@ def group_sums(x: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.stack([g.sum(dim=(1, 3)), g.square().sum(dim=(1, 3))])
 
 
+def cell_sums(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """`[B, N, 2G]` float32: per-cell, per-group sum (first G) and sum of squares (last G) of `x`.
+
+    What a cache keeps of a group norm input that is only needed for statistics: summing these rows
+    (in float64, `sum_cells`) gives the sums of any set of cells."""
+    b, n, c = x.shape
+    g = x.reshape(b, n, groups, c // groups).float()
+    return torch.cat([g.sum(dim=3), g.square().sum(dim=3)], dim=2)
+
+
+def sum_cells(sums: torch.Tensor) -> torch.Tensor:
+    """`[2, B, G]` float64 group sums from per-cell sums `[B, N, 2G]`."""
+    b, _, g2 = sums.shape
+    return sums.to(torch.float64).sum(dim=1).reshape(b, 2, g2 // 2).transpose(0, 1).contiguous()
+
+
 def group_stats(sums: torch.Tensor, count: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and reciprocal standard deviation (biased variance, as `torch.group_norm`)."""
     mean = sums[0] / count

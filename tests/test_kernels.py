@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fisedit_ray.kernels.attention import active_query_attention
-from fisedit_ray.kernels.conv import sparse_conv2d
+from fisedit_ray.kernels.conv import conv_matrix, sparse_conv2d
 from fisedit_ray.kernels.gather import conv_input_positions, gather_plan, scatter_rows
 from fisedit_ray.kernels.group_norm import group_norm_act, group_stats, group_sums
 
@@ -33,7 +33,7 @@ def test_sparse_conv_equals_dense_conv(kernel, stride, padding, size):
     index, halo_cells = gather_plan(positions, rank)
     xt = tokens(x)
     assert not in_mask.flatten()[halo_cells].any()
-    out = sparse_conv2d(xt[:, in_cells], xt[:, halo_cells], index, conv.weight, conv.bias)
+    out = sparse_conv2d(xt[:, in_cells], xt[:, halo_cells], index, conv_matrix(conv.weight), conv.bias)
     torch.testing.assert_close(out, dense[:, out_cells], rtol=1e-5, atol=1e-5)
 
 
