@@ -19,23 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from diffusers import UNet2DConditionModel
+from sd_shapes import SD15_UNET
 
 from fisedit_ray.cache import ActivationCache, CacheRecorder
 from fisedit_ray.macs import count_macs
 from fisedit_ray.masks import MaskPyramid, blob_mask
 from fisedit_ray.sparse_unet import GatherPlans, SparseUNet
-
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:

@@ -26,7 +26,7 @@ ModelOpt = Annotated[
     str, typer.Option(help="'scenes' (embedded, trained), 'tiny' (untrained), or a diffusers SD folder.")
 ]
 DeviceOpt = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")]
-CacheDtypeOpt = Annotated[str, typer.Option(help="Cache storage dtype: float32, bfloat16 or float16.")]
+CacheDtypeOpt = Annotated[str, typer.Option(help="Cache storage: float32, bfloat16, float16 or int8.")]
 
 
 def _fail(message: str) -> typer.Exit:
