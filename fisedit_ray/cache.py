@@ -33,7 +33,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fisedit_ray.kernels.gather import scatter_rows
-from fisedit_ray.kernels.group_norm import cell_sums, group_norm_act, group_stats, group_sums, sum_cells
+from fisedit_ray.kernels.group_norm import (
+    cell_sums,
+    gather_norm_act,
+    group_norm_act,
+    group_stats,
+    group_sums,
+    norm_scale_shift,
+    sum_cells,
+)
 from fisedit_ray.unet_layout import (
     ATTN_KEY,
     ATTN_VALUE,
@@ -298,10 +306,17 @@ class CacheReader:
         return values
 
     def _normalize(self, key: str, rows: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool):
-        x = self._stored(key, rows)
+        step = self.cache.steps[self.step]
         h, w = self.cache.sizes[self.cache.levels[key]]
-        mean, rstd = group_stats(self.stats(key), h * w * x.shape[-1] // norm.num_groups, norm.eps)
-        return group_norm_act(x, mean, rstd, norm.weight, norm.bias, silu)
+        channels = norm.num_channels
+        mean, rstd = group_stats(self.stats(key), h * w * channels // norm.num_groups, norm.eps)
+        payload = step[key]
+        if payload.device == self.device and key not in self.cache.skips:
+            # gather, decode, normalise and activate in one pass (one kernel on a GPU)
+            scale, shift = norm_scale_shift(mean, rstd, norm.weight, norm.bias, channels, self.dtype)
+            x_scale = step.get(key + SCALE)
+            return gather_norm_act(payload, rows.to(self.device), scale, shift, silu, x_scale, self.dtype)
+        return group_norm_act(self._stored(key, rows), mean, rstd, norm.weight, norm.bias, silu)
 
     def full(self, key: str) -> torch.Tensor:
         """The whole map `[B, cells, C]` (a fresh tensor the caller may modify)."""

@@ -7,7 +7,14 @@ import torch.nn.functional as F
 
 
 def active_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """`q` `[B, N, C]` (active tokens), `k`/`v` `[B, L, C]` (all tokens) -> `[B, N, C]`."""
+    """`q` `[B, N, C]` (active tokens), `k`/`v` `[B, L, C]` (all tokens) -> `[B, N, C]`.
+
+    On a GPU, one Triton kernel on the token-major maps (`triton_attention`); here, PyTorch's fused
+    CPU attention, which runs at about the speed of the GEMMs around it."""
+    if q.is_cuda:
+        from .triton_attention import active_query_attention_triton
+
+        return active_query_attention_triton(q, k, v, heads)
     b, n, c = q.shape
     d = c // heads
     qh = q.reshape(b, n, heads, d).transpose(1, 2)

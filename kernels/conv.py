@@ -30,7 +30,12 @@ def sparse_conv2d(
 
     `active` `[B, N, Cin]` and `halo` `[B, M, Cin]` are the conv input's values at active and halo
     cells, `matrix` the conv weight as laid out by `conv_matrix`; returns `[B, len(index), Cout]`.
+    On a GPU, one Triton implicit-GEMM kernel (`triton_conv`); here, a row gather and one GEMM.
     """
+    if active.is_cuda:
+        from .triton_conv import sparse_conv2d_triton
+
+        return sparse_conv2d_triton(active, halo, index, matrix, bias)
     rows = gather_rows(active, halo)
     b, r, c = rows.shape
     n, taps = index.shape

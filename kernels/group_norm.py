@@ -39,6 +39,47 @@ def group_stats(sums: torch.Tensor, count: int, eps: float) -> tuple[torch.Tenso
     return mean, torch.rsqrt(var + eps)
 
 
+def norm_scale_shift(
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    channels: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel `scale`, `shift` `[B, C]` such that `norm(x) = x * scale + shift`."""
+    groups = mean.shape[1]
+    scale = rstd.to(dtype).repeat_interleave(channels // groups, dim=1)
+    shift = (-mean * rstd).to(dtype).repeat_interleave(channels // groups, dim=1)
+    if weight is not None:
+        scale, shift = scale * weight, shift * weight + bias
+    return scale, shift
+
+
+def gather_norm_act(
+    x: torch.Tensor,
+    rows: torch.Tensor | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    silu: bool,
+    x_scale: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """`x[:, rows] * scale + shift` (+ SiLU) in `dtype`: gather, int8 decode (`x_scale` `[B, L, 1]`),
+    normalisation and activation in one pass (one Triton kernel on a GPU)."""
+    dtype = dtype or x.dtype
+    if x.is_cuda:
+        from .triton_norm import gather_norm_act_triton
+
+        return gather_norm_act_triton(x, rows, scale, shift, silu, x_scale, dtype)
+    if rows is not None:
+        x = x[:, rows]
+        x_scale = None if x_scale is None else x_scale[:, rows]
+    x = x.to(dtype) if x_scale is None else (x.float() * x_scale.float()).to(dtype)
+    y = torch.addcmul(shift[:, None, :], x, scale[:, None, :])
+    return torch.nn.functional.silu(y) if silu else y
+
+
 def group_norm_act(
     x: torch.Tensor,
     mean: torch.Tensor,
@@ -48,11 +89,5 @@ def group_norm_act(
     silu: bool,
 ) -> torch.Tensor:
     """Normalise `x` `[B, N, C]` with per-group `mean`/`rstd` `[B, G]`, affine, optional SiLU."""
-    b, n, c = x.shape
-    groups = mean.shape[1]
-    scale = rstd.to(x.dtype).repeat_interleave(c // groups, dim=1)
-    shift = (-mean * rstd).to(x.dtype).repeat_interleave(c // groups, dim=1)
-    if weight is not None:
-        scale, shift = scale * weight, shift * weight + bias
-    y = torch.addcmul(shift[:, None, :], x, scale[:, None, :])
-    return torch.nn.functional.silu(y) if silu else y
+    scale, shift = norm_scale_shift(mean, rstd, weight, bias, x.shape[-1], x.dtype)
+    return gather_norm_act(x, None, scale, shift, silu)

@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run on the CPU in its interpreter: exact, slow
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fisedit_ray import EditEngine
 from fisedit_ray.models import build_tiny_pipeline
