@@ -1,11 +1,15 @@
 """One U-Net step, sparse vs dense, on a Stable Diffusion 1.5-shaped U-Net with random weights.
 
-Classifier-free guidance (batch 2), blob masks of the given ratios. For each mask: the dense diffusers
-forward and the sparse forward over a cache recorded from one dense step, timed in the same run
-(warm-up, then the median of --repeats), plus the MACs each actually executed and the cache bytes of
-one step. Writes Parquet and a PNG plot.
+Classifier-free guidance (batch 2), compact blob masks of SIGE's edit ratios (1.6, 4.8, 11.8, 25%)
+and FISEdit's (5, 15, 30%). For each mask: the dense diffusers forward and the sparse forward over a
+cache recorded from one dense step, timed in the same run (warm-up, then the median of --repeats),
+the MACs each actually executed, and efficiency = time speed-up / MACs reduction. In bfloat16 it
+also reports how far the outputs are from float32: sparse bf16 against sparse fp32 (itself equal to
+the masked-dense reference, see the tests), next to dense bf16 against dense fp32 as the yardstick.
+Writes Parquet and a PNG plot.
 
-    python benchmarks/unet_step.py --latent 32 --ratios 0.05 0.25
+    python benchmarks/unet_step.py --latent 64
+    python benchmarks/unet_step.py --latent 64 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--latent", type=int, default=32)
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.25])
+    parser.add_argument("--latent", type=int, default=64)
+    parser.add_argument(
+        "--ratios", type=float, nargs="+", default=[0.016, 0.048, 0.118, 0.25, 0.05, 0.15, 0.30]
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -53,20 +59,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET).to(dtype).eval()
-    sparse_unet = SparseUNet(unet)
+    unet32 = UNet2DConditionModel(**SD15_UNET).eval()
+    unet = unet32 if dtype == torch.float32 else UNet2DConditionModel(**SD15_UNET).to(dtype).eval()
+    unet.load_state_dict(unet32.state_dict())
     size = (args.latent, args.latent)
-    sample = torch.randn(2, 4, *size, dtype=dtype)
-    text = torch.randn(2, 77, 768, dtype=dtype)
+    sample = torch.randn(2, 4, *size)
+    text = torch.randn(2, 77, 768)
     t = torch.tensor(500)
-
-    cache = ActivationCache(dtype, sparse_unet.level_sizes(size))
-    recorder = CacheRecorder(unet, cache)
-    recorder.begin_step()
-    unet(sample, t, encoder_hidden_states=text)
-    recorder.end_step()
-    recorder.remove()
+    cache, sparse_unet = record(unet, sample.to(dtype), t, text.to(dtype))
     step_bytes = cache.byte_stats()["per_step"][0]
+    if dtype != torch.float32:  # the float32 yardstick
+        cache32, sparse32 = record(unet32, sample, t, text)
+        dense32 = unet32(sample, t, encoder_hidden_states=text).sample
+        dense_error = (unet(sample.to(dtype), t, encoder_hidden_states=text.to(dtype)).sample - dense32).abs()
+    sample, text = sample.to(dtype), text.to(dtype)
 
     def dense():
         return unet(sample, t, encoder_hidden_states=text).sample
@@ -77,7 +83,7 @@ def main() -> None:
     for ratio in args.ratios:
         pyramid = MaskPyramid.build(blob_mask(size, ratio, seed=0), cache.sizes)
         plans = GatherPlans(pyramid, sample.device)
-        edited = sample + 0.1 * torch.randn_like(sample)
+        edited = sample + 0.1 * torch.randn(sample.shape).to(dtype)
 
         def sparse(plans=plans, edited=edited):
             return sparse_unet(edited, t, text, cache.reader(0, dtype=dtype), plans)
@@ -99,11 +105,22 @@ def main() -> None:
             "threads": args.threads,
             "repeats": args.repeats,
         }
+        if dtype != torch.float32:
+            out32 = sparse32(edited.float(), t, text.float(), cache32.reader(0), plans)
+            row["sparse_max_abs_error_vs_fp32"] = (sparse().float() - out32).abs().max().item()
+            row["dense_max_abs_error_vs_fp32"] = dense_error.max().item()
+            row["fp32_output_max_abs"] = dense32.abs().max().item()
         rows.append(row)
         print(
             f"mask {row['mask_ratio']:6.1%}  dense {dense_s:7.3f}s  sparse {sparse_s:7.3f}s  "
             f"speed-up {row['speedup']:5.2f}x  MACs {row['macs_reduction']:5.2f}x  "
-            f"efficiency {row['efficiency']:.2f}",
+            f"efficiency {row['efficiency']:.2f}"
+            + (
+                f"  |err| vs fp32: sparse {row['sparse_max_abs_error_vs_fp32']:.3g}, "
+                f"dense {row['dense_max_abs_error_vs_fp32']:.3g}"
+                if dtype != torch.float32
+                else ""
+            ),
             flush=True,
         )
     print(
@@ -115,7 +132,20 @@ def main() -> None:
     plot(rows, args.out / f"{stem}.png")
 
 
+def record(unet, sample, t, text) -> tuple[ActivationCache, SparseUNet]:
+    """A one-step cache of a dense forward, and the sparse runner of `unet`."""
+    sparse_unet = SparseUNet(unet)
+    cache = ActivationCache(sample.dtype, sparse_unet.level_sizes(tuple(sample.shape[-2:])))
+    recorder = CacheRecorder(unet, cache)
+    recorder.begin_step()
+    unet(sample, t, encoder_hidden_states=text)
+    recorder.end_step()
+    recorder.remove()
+    return cache, sparse_unet
+
+
 def plot(rows: list[dict], path: Path) -> None:
+    rows = sorted(rows, key=lambda r: r["mask_ratio"])
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,0 +1,91 @@
+"""A whole edit against a whole regeneration, end to end: text encoding, every denoising step and
+the decode, through `EditEngine` (the "dense" edit mode is the regeneration: the same steps, seed and
+settings, the new prompt, no cache reuse). Timed in the same run: a warm-up, then the median of
+--repeats; per-phase medians from the engine's own phase timer.
+
+Edits with a user mask run sparse at every step. (Automatic masks add their dense steps before the
+mask; they arrive with Target Area Capture.)
+
+    python benchmarks/whole_edit.py --model scenes --steps 20 50 --ratios 0.05 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from functools import partial
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from fisedit_ray import EditEngine
+from fisedit_ray.masks import blob_mask
+
+PROMPT = "a red circle at the top left"
+EDIT = "a red circle at the top left and a blue square at the center"
+
+
+def timed(fn, repeats: int) -> tuple[float, dict[str, float], object]:
+    """Median total seconds, median seconds per phase, and the last result."""
+    fn()  # warm-up
+    results = [fn() for _ in range(repeats)]
+    phases = {
+        name: statistics.median(r.stats["seconds"][name] for r in results)
+        for name in results[0].stats["seconds"]
+    }
+    return phases["total"], phases, results[-1]
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="scenes")
+    parser.add_argument("--steps", type=int, nargs="+", default=[20, 50])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.25])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cache-dtype", default=None)
+    parser.add_argument("--out", type=Path, default=Path("results/whole_edit"))
+    args = parser.parse_args()
+    engine = EditEngine.from_pretrained(args.model, cache_dtype=args.cache_dtype)
+    rows = []
+    for steps in args.steps:
+        parent = engine.generate(PROMPT, seed=2, num_inference_steps=steps)
+        latent = parent.latents.shape[-2:]
+        everywhere = torch.ones(*latent, dtype=torch.bool)
+        regenerate = partial(engine.edit, parent, EDIT, mask=everywhere, mode="dense")
+        dense_s, dense_phases, dense = timed(regenerate, args.repeats)
+        for ratio in args.ratios:
+            mask = blob_mask(tuple(latent), ratio, seed=0)
+            edit = partial(engine.edit, parent, EDIT, mask=mask)
+            sparse_s, sparse_phases, sparse = timed(edit, args.repeats)
+            rows.append(
+                {
+                    "model": args.model,
+                    "steps": steps,
+                    "mask_ratio": sparse.stats["mask_ratio"],
+                    "regeneration_s": dense_s,
+                    "edit_s": sparse_s,
+                    "speedup": dense_s / sparse_s,
+                    "edit_sparse_steps_s": sparse_phases["sparse_steps"],
+                    "edit_decode_s": sparse_phases["decode"],
+                    "regeneration_dense_steps_s": dense_phases["dense_steps"],
+                    "macs_reduction": dense.stats["macs_executed"] / sparse.stats["macs_executed"],
+                    "repeats": args.repeats,
+                }
+            )
+            r = rows[-1]
+            print(
+                f"{steps:3d} steps  mask {r['mask_ratio']:6.1%}  regeneration {dense_s:7.3f}s  "
+                f"edit {sparse_s:7.3f}s  speed-up {r['speedup']:5.2f}x  MACs {r['macs_reduction']:5.1f}x",
+                flush=True,
+            )
+    args.out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), args.out / f"whole_edit_{args.model}.parquet")
+
+
+if __name__ == "__main__":
+    main()
