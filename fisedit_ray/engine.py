@@ -215,7 +215,19 @@ class EditEngine:
             dict(self.pipe.scheduler.config),
         )
 
+    def check_prompt(self, prompt: str) -> None:
+        """Raise ValueError for a prompt the text encoder would silently truncate."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        tokenizer = self.pipe.tokenizer
+        count = len(tokenizer(prompt).input_ids)
+        if count > tokenizer.model_max_length:
+            raise ValueError(
+                f"prompt is {count} tokens long; this model reads at most {tokenizer.model_max_length}"
+            )
+
     def _encode(self, prompt: str, settings: Settings) -> torch.Tensor:
+        self.check_prompt(prompt)
         cfg = settings.guidance_scale > 1.0
         positive, negative = self.pipe.encode_prompt(prompt, self.device, 1, cfg, settings.negative_prompt)
         return torch.cat([negative, positive]) if cfg else positive

@@ -103,3 +103,9 @@ def test_unsupported_unets_are_refused_by_name(change, message):
     pipe.unet = UNet2DConditionModel(**{**TINY_UNET_CONFIGS["sd1"], **change})
     with pytest.raises(ValueError, match=message):
         EditEngine.from_pipeline(pipe)
+
+
+def test_a_prompt_beyond_the_tokenizer_limit_is_refused(engine):
+    limit = engine.pipe.tokenizer.model_max_length
+    with pytest.raises(ValueError, match=f"reads at most {limit}"):
+        engine.generate(" ".join(["red"] * (limit + 5)), num_inference_steps=1)

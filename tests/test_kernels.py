@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fisedit_ray.kernels.attention import active_query_attention
 from fisedit_ray.kernels.conv import conv_matrix, sparse_conv2d
 from fisedit_ray.kernels.gather import conv_input_positions, gather_plan, scatter_rows
 from fisedit_ray.kernels.group_norm import group_norm_act, group_stats, group_sums
-
 from fisedit_ray.masks import blob_mask
 
 

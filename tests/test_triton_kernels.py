@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+
 from fisedit_ray.kernels.attention import active_query_attention
 from fisedit_ray.kernels.conv import conv_matrix, sparse_conv2d
 from fisedit_ray.kernels.gather import conv_input_positions, gather_plan
 from fisedit_ray.kernels.group_norm import gather_norm_act, norm_scale_shift
-
 from fisedit_ray.masks import blob_mask
 
 pytest.importorskip("triton")

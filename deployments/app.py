@@ -1,0 +1,33 @@
+"""The application builder: `serve run fisedit_ray.deployments.app:build_app model=scenes`, or the
+`import_path` of a Serve config file (see `deployments/configs/`)."""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from fisedit_ray.deployments.editor import Editor
+from fisedit_ray.deployments.ingress import Ingress
+
+CONSISTENT_HASH = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
+
+
+def build_app(args: dict | None = None) -> Application:
+    """Arguments (strings from the command line or a config file's `args`): `model` (default
+    `scenes`), `cache_dtype`, `editor_replicas` (default 1), `editor_cpus` (CPUs per editor replica,
+    default 1), `editor_gpus` (default 0)."""
+    args = dict(args or {})
+    cpus = float(args.get("editor_cpus", 1))
+    editor = serve.deployment(
+        Editor,
+        num_replicas=int(args.get("editor_replicas", 1)),
+        ray_actor_options={
+            "num_cpus": cpus,
+            "num_gpus": float(args.get("editor_gpus", 0)),
+        },
+        max_ongoing_requests=4,
+        request_router_config=RequestRouterConfig(request_router_class=CONSISTENT_HASH),
+        health_check_period_s=10,
+    ).bind(model=args.get("model", "scenes"), cache_dtype=args.get("cache_dtype"), threads=max(1, int(cpus)))
+    return Ingress.options(ray_actor_options={"num_cpus": float(args.get("ingress_cpus", 0))}).bind(editor)

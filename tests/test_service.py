@@ -1,0 +1,200 @@
+"""The editing service over HTTP on a local Ray (2 CPUs, two editor replicas, the tiny model)."""
+
+import base64
+import io
+import shutil
+import socket
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ray = pytest.importorskip("ray")
+httpx = pytest.importorskip("httpx")
+from ray import serve  # noqa: E402
+
+from fisedit_ray import EditEngine  # noqa: E402
+from fisedit_ray.deployments.app import build_app  # noqa: E402
+from fisedit_ray.masks import blob_mask, mask_image  # noqa: E402
+
+PROMPT, EDIT = "a red circle at the top left", "a blue square at the center"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service():
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app({"model": "tiny", "editor_replicas": 2, "editor_cpus": 0.5})
+    serve.run(app, name="fisedit", route_prefix="/")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        yield client
+    serve.shutdown()
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return EditEngine.from_pretrained("tiny")
+
+
+@pytest.fixture
+def one_thread():
+    """Editor replicas run one torch thread (`editor_cpus` < 1): reduction order, hence the last bits
+    of every float, depends on the thread count, so compare with results computed the same way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mask_png(mask) -> str:
+    """A latent-resolution mask (16 x 16 for the tiny model) as base64 PNG."""
+    buffer = io.BytesIO()
+    mask_image(torch.as_tensor(mask), 1).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def png_array(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def create(client, prompt=PROMPT, seed=0, steps=3):
+    r = client.post("/v1/sessions", json={"prompt": prompt, "seed": seed, "steps": steps})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    return body, {"Authorization": f"Bearer {body['token']}"}
+
+
+def edit(client, session, auth, version, prompt=EDIT, mask=None, **extra):
+    mask = blob_mask((16, 16), 0.2, seed=1) if mask is None else mask
+    url = f"/v1/sessions/{session}/versions/{version}/edits"
+    return client.post(url, json={"prompt": prompt, "mask_png": mask_png(mask), **extra}, headers=auth)
+
+
+def test_results_equal_the_engine(service, engine, one_thread):
+    body, auth = create(service)
+    r = edit(service, body["session_id"], auth, body["version_id"])
+    assert r.status_code == 201, r.text
+    edited = r.json()
+    parent = engine.generate(PROMPT, seed=0, num_inference_steps=3)
+    child = engine.edit(parent, EDIT, mask=blob_mask((16, 16), 0.2, seed=1))
+    image = service.get(body["image_url"], headers=auth)
+    assert image.headers["content-type"] == "image/png"
+    assert np.array_equal(png_array(image.content), np.asarray(parent.image))
+    assert np.array_equal(
+        png_array(service.get(edited["image_url"], headers=auth).content), np.asarray(child.image)
+    )
+    mask = png_array(service.get(edited["mask_url"], headers=auth).content)
+    assert np.array_equal(mask[..., 0] > 127, np.asarray(mask_image(child.mask, engine.vae_scale)) > 127)
+    assert edited["stats"]["mask_ratio"] == child.stats["mask_ratio"]
+    assert edited["stats"]["macs_executed"] == child.stats["macs_executed"]
+    tree = service.get(f"/v1/sessions/{body['session_id']}", headers=auth).json()
+    assert [v["parent"] for v in tree["versions"]] == [None, body["version_id"]]
+
+
+def test_each_session_stays_on_one_replica(service):
+    replicas = {}
+    for seed in range(6):
+        body, auth = create(service, seed=seed, steps=2)
+        seen = {body["stats"]["replica"]}
+        version = body["version_id"]
+        for _ in range(2):
+            r = edit(service, body["session_id"], auth, version)
+            assert r.status_code == 201, r.text
+            seen.add(r.json()["stats"]["replica"])
+            assert r.json()["stats"]["rebuilt"] == []  # its versions were hot on that replica
+            version = r.json()["version_id"]
+        assert len(seen) == 1
+        replicas[body["session_id"]] = seen.pop()
+
+
+def test_a_killed_replica_loses_nothing(service, engine, one_thread):
+    body, auth = create(service, seed=7)
+    first = edit(service, body["session_id"], auth, body["version_id"]).json()
+    replica = first["stats"]["replica"]
+    actor = next(a for a in ray.util.list_named_actors(all_namespaces=True) if replica in a["name"])
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    r = edit(service, body["session_id"], auth, first["version_id"], prompt="a green circle")
+    assert r.status_code == 201, r.text
+    second = r.json()
+    assert second["stats"]["replica"] != replica  # another replica, which held none of it,
+    assert second["stats"]["rebuilt"] == [body["version_id"], first["version_id"]]  # rebuilt it
+    parent = engine.generate(PROMPT, seed=7, num_inference_steps=3)
+    child = engine.edit(parent, EDIT, mask=blob_mask((16, 16), 0.2, seed=1))
+    grandchild = engine.edit(child, "a green circle", mask=blob_mask((16, 16), 0.2, seed=1))
+    got = png_array(service.get(second["image_url"], headers=auth).content)
+    assert np.array_equal(got, np.asarray(grandchild.image))
+
+
+def test_a_session_token_reads_only_its_session(service):
+    a, auth_a = create(service)
+    b, auth_b = create(service)
+    assert service.get(f"/v1/sessions/{b['session_id']}", headers=auth_a).status_code == 404
+    assert service.get(b["image_url"], headers=auth_a).status_code == 404
+    assert edit(service, b["session_id"], auth_a, b["version_id"]).status_code == 404
+    assert service.delete(f"/v1/sessions/{b['session_id']}", headers=auth_a).status_code == 404
+    assert service.get(f"/v1/sessions/{b['session_id']}").status_code == 401
+    assert service.get(f"/v1/sessions/{b['session_id']}", headers=auth_b).status_code == 200
+    assert service.delete(f"/v1/sessions/{a['session_id']}", headers=auth_a).status_code == 200
+    assert service.get(f"/v1/sessions/{a['session_id']}", headers=auth_a).status_code == 404
+
+
+BAD_CREATE = [
+    ({"seed": 1}, "prompt"),  # missing field
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "a red circle", "steps": 0}, "steps"),
+    ({"prompt": "a red circle", "steps": 10_000}, "steps"),
+    ({"prompt": "a red circle", "guidance": -1}, "guidance"),
+    ({"prompt": "a red circle", "size": 63}, "multiple of"),
+    ({"prompt": "a red circle", "colour": "red"}, "colour"),
+    ({"prompt": " ".join(["red"] * 100)}, "tokens long"),
+]
+
+
+@pytest.mark.parametrize("body, words", BAD_CREATE, ids=[w for _, w in BAD_CREATE])
+def test_bad_session_requests_get_a_4xx_that_says_why(service, body, words):
+    r = service.post("/v1/sessions", json=body)
+    assert 400 <= r.status_code < 500 and words in r.text, r.text
+
+
+def test_malformed_json_and_unknown_ids(service):
+    r = service.post("/v1/sessions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "json" in r.text.lower()
+    body, auth = create(service)
+    assert service.get("/v1/sessions/nope", headers=auth).status_code == 404
+    r = edit(service, body["session_id"], auth, "nope")
+    assert r.status_code == 404 and "no version" in r.text
+
+
+def test_bad_edits_get_a_4xx_and_leave_the_session_intact(service):
+    body, auth = create(service)
+    url = f"/v1/sessions/{body['session_id']}/versions/{body['version_id']}/edits"
+    cases = [
+        ({"prompt": EDIT, "mask_png": "!!!"}, "base64"),
+        ({"prompt": EDIT, "mask_png": base64.b64encode(b"GIF89a...").decode()}, "not a PNG"),
+        ({"prompt": EDIT, "mask_png": mask_png(np.ones((5, 5), bool))}, "expected the latent size"),
+        ({"prompt": EDIT}, "needs a mask"),
+        ({"prompt": EDIT, "mask_png": mask_png(np.ones((16, 16), bool)), "mode": "fast"}, "mode"),
+        ({"prompt": " ".join(["blue"] * 100), "mask_png": mask_png(np.ones((16, 16), bool))}, "tokens long"),
+    ]
+    for payload, words in cases:
+        r = service.post(url, json=payload, headers=auth)
+        assert 400 <= r.status_code < 500 and words in r.text, (payload.get("mode"), r.text)
+    tree = service.get(f"/v1/sessions/{body['session_id']}", headers=auth).json()
+    assert len(tree["versions"]) == 1
+    assert edit(service, body["session_id"], auth, body["version_id"]).status_code == 201
+
+
+def test_health(service):
+    assert service.get("/healthz").json()["status"] == "ok"
