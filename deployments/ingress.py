@@ -15,6 +15,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from fisedit_ray.deployments.schemas import CreateEdit, CreateSession
+from fisedit_ray.deployments.telemetry import ServiceMetrics
 
 api = FastAPI(title="fisedit-ray", version="1")
 
@@ -45,6 +46,7 @@ class Ingress:
     def __init__(self, editor: DeploymentHandle):
         self.editor = editor
         self.sessions: dict[str, SessionRecord] = {}
+        self.metrics = ServiceMetrics()
 
     # ---- helpers ------------------------------------------------------------------------------
     def _session(self, session_id: str, authorization: str | None) -> SessionRecord:
@@ -66,6 +68,7 @@ class Ingress:
         result = await self.editor.options(session_id=session_id).run.remote(session_id, lineage)
         if "error" in result:
             raise HTTPException(400, result["error"])
+        self.metrics.record("edit" if len(lineage) > 1 else "generate", result["stats"])
         return result
 
     @staticmethod
@@ -94,6 +97,7 @@ class Ingress:
         record = VersionRecord([root], None, body.prompt, result["image_png"], None, result["stats"])
         session.versions[version_id] = record
         self.sessions[session_id] = session
+        self.metrics.sessions.set(len(self.sessions))
         view = self._view(session_id, version_id, record)
         return {"session_id": session_id, "token": session.token, **view}
 
@@ -139,5 +143,6 @@ class Ingress:
     async def delete_session(self, session_id: str, authorization: str | None = Header(None)) -> dict:
         self._session(session_id, authorization)
         del self.sessions[session_id]
+        self.metrics.sessions.set(len(self.sessions))
         freed = await self.editor.options(session_id=session_id).drop.remote(session_id)
         return {"deleted": session_id, "versions_freed_on_replica": freed}

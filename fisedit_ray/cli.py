@@ -1,4 +1,5 @@
-"""The `fisedit` command line: generate, edit, demo."""
+"""The `fisedit` command line: generate, edit, demo, train, serve (the entry layer: `serve` is the one
+command that reaches into `fisedit_ray.deployments`, and only when it runs)."""
 
 from __future__ import annotations
 
@@ -193,3 +194,27 @@ def train(
 
 if __name__ == "__main__":
     app()
+
+
+@app.command()
+def serve(
+    model: ModelOpt = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: int = 8000,
+    editor_replicas: Annotated[int, typer.Option(min=1, help="Editor replicas (engines).")] = 1,
+    editor_cpus: Annotated[float, typer.Option(help="CPUs reserved per editor replica.")] = 1.0,
+    cache_dtype: Annotated[str | None, typer.Option(help="Cache storage format (model dtype).")] = None,
+) -> None:
+    """Start a local Ray and serve the editing API on it (see README, "The service")."""
+    try:
+        from fisedit_ray.deployments.launch import serve_locally
+    except ImportError as e:
+        raise _fail(f"the service needs the serve extra: pip install 'fisedit-ray[serve]' ({e})") from e
+    serve_locally(
+        model=model,
+        host=host,
+        port=port,
+        editor_replicas=editor_replicas,
+        editor_cpus=editor_cpus,
+        cache_dtype=cache_dtype,
+    )

@@ -5,6 +5,7 @@ import io
 import shutil
 import socket
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -31,12 +32,20 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def service():
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    metrics_port = free_port()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp,
+        _metrics_export_port=metrics_port,
+        log_to_driver=False,
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"model": "tiny", "editor_replicas": 2, "editor_cpus": 0.5})
     serve.run(app, name="fisedit", route_prefix="/")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        client.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         yield client
     serve.shutdown()
     ray.shutdown()
@@ -196,5 +205,49 @@ def test_bad_edits_get_a_4xx_and_leave_the_session_intact(service):
     assert edit(service, body["session_id"], auth, body["version_id"]).status_code == 201
 
 
-def test_health(service):
+def test_health_and_metrics(service):
     assert service.get("/healthz").json()["status"] == "ok"
+    body, auth = create(service)
+    assert edit(service, body["session_id"], auth, body["version_id"]).status_code == 201
+    wanted = ["ray_fisedit_phase_seconds", "ray_fisedit_mask_ratio", "ray_fisedit_cache_lookups_total"]
+    deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
+    while time.monotonic() < deadline:
+        text = httpx.get(service.metrics_url).text
+        if all(name in text for name in wanted):
+            break
+        time.sleep(1)
+    assert all(name in text for name in wanted), [n for n in wanted if n not in text]
+    assert 'result="hit"' in text and 'phase="sparse_steps"' in text
+
+
+def test_python_client(service, engine, one_thread):
+    from fisedit_ray.client import Client, ServiceError
+
+    client = Client(str(service.base_url))
+    session = client.create_session(PROMPT, seed=4, steps=3)
+    mask = blob_mask((16, 16), 0.3, seed=2)
+    child = session.edit(session.root["version_id"], EDIT, mask)
+    expected = engine.edit(engine.generate(PROMPT, seed=4, num_inference_steps=3), EDIT, mask=mask)
+    assert np.array_equal(np.asarray(session.image(child).convert("RGB")), np.asarray(expected.image))
+    assert [v["version_id"] for v in session.versions()] == [session.root["version_id"], child["version_id"]]
+    session.delete()
+    with pytest.raises(ServiceError, match="404"):
+        session.versions()
+    client.close()
+
+
+@pytest.mark.parametrize("name", ["local_cpu.yaml", "multi_gpu.yaml", "rayservice.yaml"])
+def test_serve_configs_are_valid(name):
+    import importlib.resources
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    text = (importlib.resources.files("fisedit_ray.deployments") / "configs" / name).read_text()
+    config = yaml.safe_load(text)
+    if config.get("kind") == "RayService":
+        config = yaml.safe_load(config["spec"]["serveConfigV2"])
+    schema = ServeDeploySchema.model_validate(config)
+    (app,) = schema.applications
+    assert app.import_path == "fisedit_ray.deployments.app:build_app"
+    build_app(app.args)  # the arguments are ones the builder takes
