@@ -16,9 +16,12 @@ CONSISTENT_HASH = "ray.serve.experimental.consistent_hash_router:ConsistentHashR
 def build_app(args: dict | None = None) -> Application:
     """Arguments (strings from the command line or a config file's `args`): `model` (default
     `scenes`), `cache_dtype`, `editor_replicas` (default 1), `editor_cpus` (CPUs per editor replica,
-    default 1), `editor_gpus` (default 0)."""
+    default 1), `editor_gpus` (default 0), `affinity` (default true; false routes each call to any
+    replica, which then rebuilds what it lacks: the baseline of the serving benchmark)."""
     args = dict(args or {})
     cpus = float(args.get("editor_cpus", 1))
+    affinity = str(args.get("affinity", True)).lower() not in ("false", "0", "no")
+    router = RequestRouterConfig(request_router_class=CONSISTENT_HASH) if affinity else RequestRouterConfig()
     editor = serve.deployment(
         Editor,
         num_replicas=int(args.get("editor_replicas", 1)),
@@ -27,7 +30,7 @@ def build_app(args: dict | None = None) -> Application:
             "num_gpus": float(args.get("editor_gpus", 0)),
         },
         max_ongoing_requests=4,
-        request_router_config=RequestRouterConfig(request_router_class=CONSISTENT_HASH),
+        request_router_config=router,
         health_check_period_s=10,
     ).bind(model=args.get("model", "scenes"), cache_dtype=args.get("cache_dtype"), threads=max(1, int(cpus)))
     return Ingress.options(ray_actor_options={"num_cpus": float(args.get("ingress_cpus", 0))}).bind(editor)

@@ -32,9 +32,11 @@ class ServiceMetrics:
     def record(self, kind: str, stats: dict) -> None:
         for phase, seconds in stats["seconds"].items():
             self.phase_seconds.observe(seconds, tags={"kind": kind, "phase": phase})
-        self.macs_executed.inc(stats["macs_executed"], tags={"kind": kind})
+        if stats["macs_executed"] > 0:  # Ray's counters refuse increments of 0
+            self.macs_executed.inc(stats["macs_executed"], tags={"kind": kind})
         self.cache_bytes.observe(stats["cache_bytes"]["total"])
         if kind == "edit":
             self.mask_ratio.observe(stats["mask_ratio"])
-            self.macs_saved.inc(max(0, stats["macs_dense"] - stats["macs_executed"]))
+            if stats["macs_dense"] > stats["macs_executed"]:
+                self.macs_saved.inc(stats["macs_dense"] - stats["macs_executed"])
             self.cache_lookups.inc(tags={"result": "miss" if stats["rebuilt"] else "hit"})

@@ -8,7 +8,9 @@ reference defines the result; the sparse engine must match it).
 
 from __future__ import annotations
 
+import functools
 import inspect
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -85,11 +87,24 @@ class _Trajectory:
     step_kwargs: dict
 
 
+def _one_at_a_time(method):
+    @functools.wraps(method)
+    def serialized(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return serialized
+
+
 class EditEngine:
-    """Generates images with a recorded activation cache and edits them sparsely."""
+    """Generates images with a recorded activation cache and edits them sparsely.
+
+    Safe to share between threads: requests run one at a time (the cache recorder and the reference
+    hook the shared U-Net), so concurrency comes from more engines, not more threads."""
 
     def __init__(self, pipe: StableDiffusionPipeline, *, cache_dtype: torch.dtype | str = torch.float32):
         self.pipe = pipe
+        self._lock = threading.Lock()
         self.sparse_unet = SparseUNet(pipe.unet)
         self.cache_dtype = parse_dtype(cache_dtype)
         pipe.set_progress_bar_config(disable=True)
@@ -129,6 +144,7 @@ class EditEngine:
         return settings.height // self.vae_scale, settings.width // self.vae_scale
 
     # ---- public API ---------------------------------------------------------------------------
+    @_one_at_a_time
     @torch.no_grad()
     def generate(
         self,
@@ -155,6 +171,7 @@ class EditEngine:
         stats = _stats("generate", macs, phases, cache)
         return Version(prompt, settings, "generate", cache.latents[-1], image, cache, stats)
 
+    @_one_at_a_time
     @torch.no_grad()
     def edit(
         self,

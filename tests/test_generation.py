@@ -109,3 +109,21 @@ def test_a_prompt_beyond_the_tokenizer_limit_is_refused(engine):
     limit = engine.pipe.tokenizer.model_max_length
     with pytest.raises(ValueError, match=f"reads at most {limit}"):
         engine.generate(" ".join(["red"] * (limit + 5)), num_inference_steps=1)
+
+
+def test_concurrent_requests_on_one_engine_do_not_mix(engine):
+    """The cache recorder hooks the shared U-Net: threads must not interleave their passes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [("a red circle", 1), ("a blue square", 2), ("a green triangle", 3), ("a white circle", 4)]
+    alone = [engine.generate(p, seed=s, num_inference_steps=2, output_type="latent") for p, s in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(
+            pool.map(
+                lambda ps: engine.generate(ps[0], seed=ps[1], num_inference_steps=2, output_type="latent"),
+                prompts,
+            )
+        )
+    for a, b in zip(alone, together, strict=True):
+        assert torch.equal(a.latents, b.latents)
+        assert a.cache.tensors().keys() == b.cache.tensors().keys()

@@ -251,3 +251,11 @@ def test_serve_configs_are_valid(name):
     (app,) = schema.applications
     assert app.import_path == "fisedit_ray.deployments.app:build_app"
     build_app(app.args)  # the arguments are ones the builder takes
+
+
+def test_dense_and_empty_edits_are_served(service):
+    body, auth = create(service)
+    r = edit(service, body["session_id"], auth, body["version_id"], mode="dense")
+    assert r.status_code == 201 and r.json()["stats"]["mode"] == "dense", r.text
+    r = edit(service, body["session_id"], auth, body["version_id"], mask=np.zeros((16, 16), bool))
+    assert r.status_code == 201 and r.json()["stats"]["macs_executed"] == 0, r.text

@@ -1,0 +1,187 @@
+"""Serving throughput on loopback: a bounded closed loop of N concurrent users, each generating an
+image and then editing it round after round with a ~5% mask, against a local Ray Serve app.
+
+Systems, each started fresh on the same machine:
+  dense     every edit is a dense regeneration behind the same API (what a plain Ray Serve Stable
+            Diffusion deployment does)
+  sparse    sparse edits, requests routed to any replica (no session affinity): a replica that lacks
+            the parent version rebuilds it from the lineage first
+  full      sparse edits with session affinity (consistent hashing on the session id)
+Edits per second (over the edit phase) and p50/p99 edit latency. Parquet plus a plot.
+
+    python benchmarks/serving.py --users 4 --rounds 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+from ray import serve
+
+from fisedit_ray.deployments.app import build_app
+from fisedit_ray.masks import blob_mask, mask_image
+
+SYSTEMS = {
+    "dense": dict(mode="dense", affinity=True),
+    "sparse": dict(mode="sparse", affinity=False),
+    "full": dict(mode="sparse", affinity=True),
+}
+PROMPT = "a red circle at the top left"
+EDITS = ["a blue square at the center", "a green triangle at the center", "a yellow circle at the center"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mask_b64(latent: int, ratio: float, seed: int) -> str:
+    buffer = io.BytesIO()
+    mask_image(blob_mask((latent, latent), ratio, seed=seed), 1).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def user(base_url: str, uid: int, rounds: int, steps: int, mode: str, mask: str) -> list[dict]:
+    rows = []
+    with httpx.Client(base_url=base_url, timeout=600) as http:
+        r = http.post("/v1/sessions", json={"prompt": PROMPT, "seed": uid, "steps": steps})
+        r.raise_for_status()
+        body = r.json()
+        auth = {"Authorization": f"Bearer {body['token']}"}
+        version = body["version_id"]
+        for k in range(rounds):
+            url = f"/v1/sessions/{body['session_id']}/versions/{version}/edits"
+            start = time.perf_counter()
+            r = http.post(
+                url, json={"prompt": EDITS[k % len(EDITS)], "mask_png": mask, "mode": mode}, headers=auth
+            )
+            r.raise_for_status()
+            edit = r.json()
+            rows.append(
+                {
+                    "user": uid,
+                    "round": k,
+                    "start": start,
+                    "end": time.perf_counter(),
+                    "mask_ratio": edit["stats"]["mask_ratio"],
+                    "rebuilt": len(edit["stats"]["rebuilt"]),
+                    "replica": edit["stats"]["replica"],
+                }
+            )
+            version = edit["version_id"]
+    return rows
+
+
+def run_system(name: str, args) -> dict:
+    system = SYSTEMS[name]
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ray.init(num_cpus=args.cpus, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app_args = {
+            "model": args.model,
+            "editor_replicas": args.replicas,
+            "editor_cpus": args.cpus / args.replicas,
+            "affinity": system["affinity"],
+        }
+        serve.run(build_app(app_args), name="fisedit", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        mask = mask_b64(args.latent, args.ratio, seed=0)
+        user(base, 10_000, 1, args.steps, system["mode"], mask)  # warm-up
+        with ThreadPoolExecutor(args.users) as pool:
+            futures = [
+                pool.submit(user, base, u, args.rounds, args.steps, system["mode"], mask)
+                for u in range(args.users)
+            ]
+            rows = [row for f in futures for row in f.result()]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+    latencies = sorted(r["end"] - r["start"] for r in rows)
+    span = max(r["end"] for r in rows) - min(r["start"] for r in rows)
+    return {
+        "system": name,
+        "users": args.users,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "mask_ratio": statistics.mean(r["mask_ratio"] for r in rows),
+        "edits": len(rows),
+        "edits_per_s": len(rows) / span,
+        "p50_s": float(np.percentile(latencies, 50)),
+        "p99_s": float(np.percentile(latencies, 99)),
+        "rebuilds_per_edit": statistics.mean(r["rebuilt"] for r in rows),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="scenes")
+    parser.add_argument("--latent", type=int, default=32, help="The model's latent side.")
+    parser.add_argument("--ratio", type=float, default=0.05)
+    parser.add_argument("--users", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS))
+    parser.add_argument("--out", type=Path, default=Path("results/serving"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for name in args.systems:
+        rows.append(run_system(name, args))
+        r = rows[-1]
+        print(
+            f"{name:7s} {r['edits_per_s']:6.2f} edits/s  p50 {r['p50_s']:6.2f}s  p99 {r['p99_s']:6.2f}s  "
+            f"mask {r['mask_ratio']:.1%}  rebuilds/edit {r['rebuilds_per_edit']:.2f}",
+            flush=True,
+        )
+    base = next((r["edits_per_s"] for r in rows if r["system"] == "dense"), None)
+    for r in rows:
+        r["x_dense"] = r["edits_per_s"] / base if base else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), args.out / "serving.parquet")
+    plot(rows, args.out / "serving.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
+    names = [r["system"] for r in rows]
+    a.bar(names, [r["edits_per_s"] for r in rows])
+    a.set_ylabel("edits per second")
+    b.bar(names, [r["p50_s"] for r in rows], label="p50")
+    b.scatter(names, [r["p99_s"] for r in rows], color="k", label="p99", zorder=3)
+    b.set_ylabel("edit latency (s)")
+    b.legend()
+    fig.suptitle(f"{rows[0]['users']} users, {rows[0]['mask_ratio']:.0%} masks, {rows[0]['steps']} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
