@@ -16,8 +16,10 @@ CONSISTENT_HASH = "ray.serve.experimental.consistent_hash_router:ConsistentHashR
 def build_app(args: dict | None = None) -> Application:
     """Arguments (strings from the command line or a config file's `args`): `model` (default
     `scenes`), `cache_dtype`, `editor_replicas` (default 1), `editor_cpus` (CPUs per editor replica,
-    default 1), `editor_gpus` (default 0), `affinity` (default true; false routes each call to any
-    replica, which then rebuilds what it lacks: the baseline of the serving benchmark)."""
+    default 1), `editor_gpus` (default 0), `max_ongoing_requests` / `max_queued_requests` of the
+    ingress (default 32 / 64; a full queue answers 503 with Retry-After), `affinity` (default true;
+    false routes each call to any replica, which then rebuilds what it lacks: the serving
+    benchmark's baseline)."""
     args = dict(args or {})
     cpus = float(args.get("editor_cpus", 1))
     affinity = str(args.get("affinity", True)).lower() not in ("false", "0", "no")
@@ -33,4 +35,8 @@ def build_app(args: dict | None = None) -> Application:
         request_router_config=router,
         health_check_period_s=10,
     ).bind(model=args.get("model", "scenes"), cache_dtype=args.get("cache_dtype"), threads=max(1, int(cpus)))
-    return Ingress.options(ray_actor_options={"num_cpus": float(args.get("ingress_cpus", 0))}).bind(editor)
+    return Ingress.options(
+        ray_actor_options={"num_cpus": float(args.get("ingress_cpus", 0))},
+        max_ongoing_requests=int(args.get("max_ongoing_requests", 32)),
+        max_queued_requests=int(args.get("max_queued_requests", 64)),
+    ).bind(editor)

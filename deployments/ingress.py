@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Header, HTTPException, Response
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
 from fisedit_ray.deployments.schemas import CreateEdit, CreateSession
@@ -40,7 +41,11 @@ def _new_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-@serve.deployment(max_ongoing_requests=32, max_queued_requests=64)
+@serve.deployment(
+    max_ongoing_requests=32,
+    max_queued_requests=64,  # beyond: 503 with Retry-After
+    backpressure_config=BackpressureConfig(status_code=503, retry_after_s=2),
+)
 @serve.ingress(api)
 class Ingress:
     def __init__(self, editor: DeploymentHandle):

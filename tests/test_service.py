@@ -6,6 +6,7 @@ import shutil
 import socket
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -259,3 +260,17 @@ def test_dense_and_empty_edits_are_served(service):
     assert r.status_code == 201 and r.json()["stats"]["mode"] == "dense", r.text
     r = edit(service, body["session_id"], auth, body["version_id"], mask=np.zeros((16, 16), bool))
     assert r.status_code == 201 and r.json()["stats"]["macs_executed"] == 0, r.text
+
+
+def test_a_full_queue_answers_503_with_retry_after(service):
+    tight = {"model": "tiny", "editor_cpus": 0.25, "max_ongoing_requests": 1, "max_queued_requests": 1}
+    serve.run(build_app(tight), name="tight", route_prefix="/tight")
+    try:
+        body = {"prompt": PROMPT, "steps": 10}
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: service.post("/tight/v1/sessions", json=body), range(8)))
+        codes = sorted(r.status_code for r in answers)
+        assert 201 in codes and 503 in codes, codes
+        assert all(r.headers.get("retry-after") == "2" for r in answers if r.status_code == 503)
+    finally:
+        serve.delete("tight")
