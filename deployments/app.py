@@ -31,7 +31,7 @@ def build_app(args: dict | None = None) -> Application:
             "num_cpus": cpus,
             "num_gpus": float(args.get("editor_gpus", 0)),
         },
-        max_ongoing_requests=4,
+        max_ongoing_requests=8,  # also the most edits one sparse batch can gather
         request_router_config=router,
         health_check_period_s=10,
     ).bind(model=args.get("model", "scenes"), cache_dtype=args.get("cache_dtype"), threads=max(1, int(cpus)))

@@ -3,12 +3,16 @@
 Requests carry a version's lineage (the generation's parameters and the edit chain from the root),
 so a replica that does not hold a version, after a reroute or a restart, rebuilds it by replaying
 the lineage: the engine is deterministic, so the rebuilt version is the same image and cache.
+
+Sparse edits whose parent is hot go through a batcher (`@serve.batch`): the edits that arrive
+together are grouped by step count, guidance and sparsity bucket, and each group runs as one
+`EditEngine.edit_batch` (one sparse pass per step for all of them).
 """
 
 from __future__ import annotations
 
 import io
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 
 import torch
 from PIL import Image
@@ -16,7 +20,9 @@ from ray import serve
 
 from fisedit_ray import EditEngine
 from fisedit_ray.engine import Version
-from fisedit_ray.masks import mask_image
+from fisedit_ray.masks import mask_image, to_latent_mask
+
+SPARSITY_BUCKET = 0.1  # edits batched together differ by less than this in mask ratio
 
 
 def png(image: Image.Image) -> bytes:
@@ -37,15 +43,53 @@ class Editor:
     def replica(self) -> str:
         return serve.get_replica_context().replica_id.unique_id
 
-    def run(self, session_id: str, lineage: list[dict]) -> dict:
+    async def run(self, session_id: str, lineage: list[dict]) -> dict:
         """Produce the last version of `lineage` (root first), rebuilding missing ancestors.
 
         Returns its PNGs and stats, or `{"error": message}` for input the engine refuses (nothing is
         kept then)."""
         try:
-            rebuilt, version = self._materialise(session_id, lineage)
+            record = lineage[-1]
+            parent = self._hot(session_id, lineage[-2]["id"]) if len(lineage) > 1 else None
+            if parent is not None and record["mode"] == "sparse":
+                mask = self._latent_mask(parent, record)  # refused here, alone, not in a batch
+                self.engine.check_prompt(record["prompt"])
+                version = await self._sparse_batch(parent, record, mask)
+                self._keep(session_id, version)
+                rebuilt = []
+            else:
+                rebuilt, version = self._materialise(session_id, lineage)
         except ValueError as e:
             return {"error": str(e)}
+        return self._result(version, rebuilt)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _sparse_batch(self, parents: list, records: list, masks: list) -> list[Version]:
+        groups = defaultdict(list)
+        for i, (parent, mask) in enumerate(zip(parents, masks, strict=True)):
+            ratio = float(mask.float().mean())
+            bucket = min(int(ratio / SPARSITY_BUCKET), 3)  # similar work: 0-10%, 10-20%, 20-30%, more
+            key = (parent.settings.num_inference_steps, parent.settings.guidance_scale > 1.0, bucket)
+            groups[key].append(i)
+        versions: list = [None] * len(parents)
+        for members in groups.values():
+            requests = [(parents[i], records[i]["prompt"], masks[i]) for i in members]
+            for i, version in zip(members, self.engine.edit_batch(requests), strict=True):
+                version.id = records[i]["id"]
+                versions[i] = version
+        return versions
+
+    def _hot(self, session_id: str, version_id: str) -> Version | None:
+        version = self.hot.get((session_id, version_id))
+        if version is not None:
+            self.hot.move_to_end((session_id, version_id))
+        return version
+
+    def _latent_mask(self, parent: Version, record: dict):
+        mask = self._mask_image(record)
+        return to_latent_mask(mask, self.engine.latent_size(parent.settings), self.engine.vae_scale)
+
+    def _result(self, version: Version, rebuilt: list[str]) -> dict:
         mask = None if version.mask is None else mask_image(version.mask, self.engine.vae_scale)
         return {
             "version_id": version.id,
@@ -91,16 +135,21 @@ class Editor:
                 width=record["size"],
             )
         else:
-            if not record["mask_png"]:
-                raise ValueError("an edit needs a mask: automatic masks are not served yet")
-            try:
-                mask = Image.open(io.BytesIO(record["mask_png"]))
-                mask.load()
-            except OSError as e:
-                raise ValueError(f"mask_png cannot be read as an image: {e}") from e
+            mask = self._mask_image(record)
             version = self.engine.edit(parent, record["prompt"], mask=mask, mode=record["mode"])
         version.id = record["id"]
         return version
+
+    @staticmethod
+    def _mask_image(record: dict) -> Image.Image:
+        if not record["mask_png"]:
+            raise ValueError("an edit needs a mask: automatic masks are not served yet")
+        try:
+            mask = Image.open(io.BytesIO(record["mask_png"]))
+            mask.load()
+        except OSError as e:
+            raise ValueError(f"mask_png cannot be read as an image: {e}") from e
+        return mask
 
     def _keep(self, session_id: str, version: Version) -> None:
         self.hot[(session_id, version.id)] = version

@@ -31,7 +31,7 @@ from fisedit_ray.macs import count_macs
 from fisedit_ray.masks import MaskLike, MaskPyramid, to_latent_mask
 from fisedit_ray.models import DEFAULT_MODEL, load_pipeline
 from fisedit_ray.reference import LockstepHooks
-from fisedit_ray.sparse_unet import GatherPlans, SparseUNet
+from fisedit_ray.sparse_unet import GatherPlans, Lane, SparseUNet
 
 Mode = Literal["sparse", "reference", "dense"]
 MODES = ("sparse", "reference", "dense")
@@ -85,6 +85,45 @@ class _Trajectory:
     scheduler: object
     latents: torch.Tensor
     step_kwargs: dict
+
+
+@dataclass
+class _SparseJob:
+    """One edit's state in the lockstep sparse phase."""
+
+    index: int
+    parent: Version
+    run: _Trajectory
+    plans: GatherPlans
+    cache: ActivationCache
+    lane: Lane | None = None
+    record: dict | None = None
+    macs: int = 0
+
+    def begin(self, engine: EditEngine, i: int) -> None:
+        """Prepare step `i`: the lane the sparse pass runs."""
+        t = self.run.scheduler.timesteps[i]
+        self.cache.latents.append(self.run.latents)
+        self.record = {}
+        reader = self.parent.cache.reader(i, engine.device, engine.dtype)
+        x = engine._model_input(self.run, t)
+        self.lane = Lane(x, t, self.run.embeds, reader, self.plans, self.record, self.cache)
+
+    def finish(self, engine: EditEngine, i: int, active: torch.Tensor) -> None:
+        """Step `i`'s scheduler step: new noise inside the mask, the parent's outside."""
+        t = self.run.scheduler.timesteps[i]
+        guided_active = engine._guide(active, self.parent.settings)  # [1, N, C]
+        noise = self.parent.cache.noise_preds[i].to(engine.device).clone()
+        c = noise.shape[1]
+        noise.view(1, c, -1)[:, :, self.plans.pyramid.cells[0]] = guided_active.transpose(1, 2).to(
+            noise.dtype
+        )
+        self.cache.steps.append(self.record)
+        self.cache.noise_preds.append(noise)
+        stepped = self.run.scheduler.step(noise, t, self.run.latents, **self.run.step_kwargs).prev_sample
+        inside = self.run.pyramid.masks[0][None, None]
+        self.run.latents = torch.where(inside, stepped, self.parent.cache.latents[i + 1].to(engine.device))
+        self.lane = self.record = None
 
 
 def _one_at_a_time(method):
@@ -205,13 +244,54 @@ class EditEngine:
                 macs = self._run_dense([*specs, _spec(embeds, pyramid)], settings, cache)
         else:
             with phases("sparse_steps"):
-                cache, macs = self._run_sparse(parent, embeds, pyramid)
+                ((cache, macs),) = self._run_sparse([(parent, embeds, pyramid)])
         with phases("decode"):
             image = self._decode(cache.latents[-1], output_type)
             if image is not None and mode != "dense" and parent.image is not None:
                 image = _composite(image, parent.image, latent_mask, self.vae_scale)
         stats = _stats(mode, macs, phases, cache, mask_ratio=pyramid.ratio)
         return Version(prompt, settings, mode, cache.latents[-1], image, cache, stats, parent, latent_mask)
+
+    @_one_at_a_time
+    @torch.no_grad()
+    def edit_batch(
+        self, requests: list[tuple[Version, str, MaskLike]], *, output_type: str = "pil"
+    ) -> list[Version]:
+        """Sparse edits `(parent, prompt, mask)` run together: each denoising step is one sparse pass
+        over all of them (`SparseUNet.run_lanes`), so the weights are read once per step for the
+        whole batch. Each result equals its edit run alone up to float rounding of the batched
+        GEMMs. The parents must share their number of steps and whether guidance is on. Seconds in
+        the stats are the batch's; `batch_size` says how many ran together."""
+        _check_output_type(output_type)
+        phases = _Phases()
+        jobs, masks = [], []
+        with phases("mask"):
+            for parent, _, mask in requests:
+                latent_mask = to_latent_mask(mask, self.latent_size(parent.settings), self.vae_scale)
+                masks.append(latent_mask)
+                sizes = self.sparse_unet.level_sizes(latent_mask.shape)
+                jobs.append([parent, None, MaskPyramid.build(latent_mask, sizes)])
+        with phases("text_encode"):
+            for job, (parent, prompt, _) in zip(jobs, requests, strict=True):
+                job[1] = self._encode(prompt, parent.settings)
+        with phases("sparse_steps"):
+            results = self._run_sparse([tuple(job) for job in jobs])
+        versions = []
+        with phases("decode"):
+            images = [self._decode(cache.latents[-1], output_type) for cache, _ in results]
+        for (parent, prompt, _), (cache, macs), image, latent_mask, job in zip(
+            requests, results, images, masks, jobs, strict=True
+        ):
+            if image is not None and parent.image is not None:
+                image = _composite(image, parent.image, latent_mask, self.vae_scale)
+            stats = _stats("sparse", macs, phases, cache, mask_ratio=job[2].ratio, batch_size=len(requests))
+            settings = parent.settings
+            versions.append(
+                Version(
+                    prompt, settings, "sparse", cache.latents[-1], image, cache, stats, parent, latent_mask
+                )
+            )
+        return versions
 
     # ---- pieces -------------------------------------------------------------------------------
     def _settings(self, seed, steps, guidance, height, width, negative_prompt) -> Settings:
@@ -324,41 +404,45 @@ class EditEngine:
         return _macs(sum(per_run_macs), per_run_macs[-1], steps)
 
     def _run_sparse(
-        self, parent: Version, embeds: torch.Tensor, pyramid: MaskPyramid
-    ) -> tuple[ActivationCache, dict]:
-        settings = parent.settings
-        cache = ActivationCache.delta_of(parent.cache, pyramid.cells)
-        dense_per_step = parent.stats["unet_macs_per_step"]
-        steps = parent.cache.num_steps
-        if pyramid.empty:  # nothing to recompute: the parent, bit for bit
-            cache.latents = list(parent.cache.latents)
-            cache.noise_preds = list(parent.cache.noise_preds)
-            cache.steps = [{} for _ in range(steps)]
-            return cache, _macs(0, dense_per_step, steps)
-        run = self._start(_spec(embeds, pyramid), settings)
-        plans = GatherPlans(pyramid, self.device)
-        inside = run.pyramid.masks[0][None, None]
-        cells = run.pyramid.cells[0]
-        executed_per_step = 0
-        for i, t in enumerate(run.scheduler.timesteps):
-            cache.latents.append(run.latents)
-            record: dict[str, torch.Tensor] = {}
-            reader = parent.cache.reader(i, self.device, self.dtype)
-            x = self._model_input(run, t)
-            forward = partial(self.sparse_unet, x, t, run.embeds, reader, plans, record, cache)
-            active, macs = _run_counted(forward, count=i == 0)
+        self, jobs: list[tuple[Version, torch.Tensor, MaskPyramid]]
+    ) -> list[tuple[ActivationCache, dict]]:
+        """Sparse phase of edits `(parent, embeds, pyramid)`, in lockstep: every step runs the
+        non-empty ones in one sparse pass (`SparseUNet.run_lanes`). Step 0 runs each alone under the
+        MAC counter, so that each edit's stats count its own work."""
+        results: list = [None] * len(jobs)
+        lanes: list[_SparseJob] = []
+        for j, (parent, embeds, pyramid) in enumerate(jobs):
+            cache = ActivationCache.delta_of(parent.cache, pyramid.cells)
+            steps = parent.cache.num_steps
+            if pyramid.empty:  # nothing to recompute: the parent, bit for bit
+                cache.latents = list(parent.cache.latents)
+                cache.noise_preds = list(parent.cache.noise_preds)
+                cache.steps = [{} for _ in range(steps)]
+                results[j] = (cache, _macs(0, parent.stats["unet_macs_per_step"], steps))
+            else:
+                run = self._start(_spec(embeds, pyramid), parent.settings)
+                lanes.append(_SparseJob(j, parent, run, GatherPlans(pyramid, self.device), cache))
+        if len({job.parent.cache.num_steps for job in lanes}) > 1:
+            raise ValueError("edits run together must have the same number of denoising steps")
+        if len({job.run.embeds.shape[0] for job in lanes}) > 1:
+            raise ValueError("edits run together must all use guidance, or all not")
+        for i in range(lanes[0].parent.cache.num_steps if lanes else 0):
+            for job in lanes:
+                job.begin(self, i)
             if i == 0:
-                executed_per_step = macs
-            guided_active = self._guide(active, settings)  # [1, N, C]
-            noise = parent.cache.noise_preds[i].to(self.device).clone()
-            c = noise.shape[1]
-            noise.view(1, c, -1)[:, :, cells] = guided_active.transpose(1, 2).to(noise.dtype)
-            cache.steps.append(record)
-            cache.noise_preds.append(noise)
-            stepped = run.scheduler.step(noise, t, run.latents, **run.step_kwargs).prev_sample
-            run.latents = torch.where(inside, stepped, parent.cache.latents[i + 1].to(self.device))
-        cache.latents.append(run.latents)
-        return cache, _macs(executed_per_step, dense_per_step, steps)
+                outs = []
+                for job in lanes:
+                    (out,), job.macs = _run_counted(partial(self.sparse_unet.run_lanes, [job.lane]), True)
+                    outs.append(out)
+            else:
+                outs = self.sparse_unet.run_lanes([job.lane for job in lanes])
+            for job, out in zip(lanes, outs, strict=True):
+                job.finish(self, i, out)
+        for job in lanes:
+            job.cache.latents.append(job.run.latents)
+            dense_per_step = job.parent.stats["unet_macs_per_step"]
+            results[job.index] = (job.cache, _macs(job.macs, dense_per_step, job.parent.cache.num_steps))
+        return results
 
     def _decode(self, latents: torch.Tensor, output_type: str) -> Image.Image | None:
         if output_type == "latent":

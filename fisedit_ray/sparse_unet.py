@@ -106,29 +106,60 @@ class SparseUNet:
         `sample` is the whole (mixed) model input `[B, C, h, w]`; `record`, if given, receives the
         delta of this step for a new cache, in `store`'s storage dtype.
         """
-        run = _Run(self, sample, timestep, encoder_hidden_states, parent, plans, record, store)
-        return run.forward()
+        lane = Lane(sample, timestep, encoder_hidden_states, parent, plans, record, store)
+        return self.run_lanes([lane])[0]
+
+    @torch.no_grad()
+    def run_lanes(self, lanes: list[Lane]) -> list[torch.Tensor]:
+        """Several requests in one pass (each its own mask, cache, prompt and timestep): their active
+        rows are concatenated, so every GEMM runs once for all of them; group norms, attention and
+        the timestep embedding stay per request. Returns each lane's output, as `__call__` would."""
+        return _Run(self, lanes).forward()
+
+
+@dataclass
+class Lane:
+    """One request of a sparse pass."""
+
+    sample: torch.Tensor
+    timestep: torch.Tensor
+    text: torch.Tensor
+    parent: CacheReader
+    plans: GatherPlans
+    record: dict[str, torch.Tensor] | None = None
+    store: ActivationCache | None = None
 
 
 class _Run:
-    """One sparse U-Net forward; mirrors `UNet2DConditionModel.forward` block by block."""
+    """One sparse U-Net forward over lanes; mirrors `UNet2DConditionModel.forward` block by block.
 
-    def __init__(self, sparse: SparseUNet, sample, timestep, text, parent, plans, record, store):
+    Values are `[B, sum of the lanes' active cells, C]`, lane after lane."""
+
+    def __init__(self, sparse: SparseUNet, lanes: list[Lane]):
         self.sparse, self.unet, self.names = sparse, sparse.unet, sparse.names
-        self.sample, self.text, self.parent, self.plans = sample, text, parent, plans
-        self.record, self.store = record, store
-        self.pyramid = plans.pyramid
+        self.lanes = lanes
+        if len({lane.sample.shape[0] for lane in lanes}) != 1:
+            raise ValueError("lanes of one pass must share the batch size (guidance on or off)")
         unet = self.unet
-        t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
-        emb = unet.time_embedding(t_emb, None)
-        self.temb = unet.time_embed_act(emb) if unet.time_embed_act is not None else emb
+        self.temb = []
+        for lane in lanes:
+            t_emb = unet.get_time_embed(sample=lane.sample, timestep=lane.timestep)
+            emb = unet.time_embedding(t_emb, None)
+            self.temb.append(unet.time_embed_act(emb) if unet.time_embed_act is not None else emb)
+
+    def counts(self, level: int) -> list[int]:
+        return [len(lane.plans.pyramid.cells[level]) for lane in self.lanes]
+
+    def split(self, values: torch.Tensor, level: int) -> tuple[torch.Tensor, ...]:
+        return values.split(self.counts(level), dim=1)
 
     # ---- top level ----------------------------------------------------------------------------
-    def forward(self) -> torch.Tensor:
+    def forward(self) -> list[torch.Tensor]:
         unet = self.unet
-        full_input = tokens(self.sample)
-        x0 = Active(full_input[:, self.pyramid.cells[0]], 0)
-        h = self.conv(unet.conv_in, x0, lambda cells: full_input[:, cells])
+        inputs = [tokens(lane.sample) for lane in self.lanes]
+        active = [x[:, lane.plans.pyramid.cells[0]] for x, lane in zip(inputs, self.lanes, strict=True)]
+        x0 = torch.cat(active, dim=1)
+        h = self.conv(unet.conv_in, Active(x0, 0), lambda j, cells: inputs[j][:, cells])
         skips = [h]
         for block in unet.down_blocks:
             attentions = getattr(block, "attentions", None)
@@ -156,59 +187,82 @@ class _Run:
             if block.upsamplers is not None:
                 h = self.upsample(block.upsamplers[0], h)
         y, halo = self.norm_act(unet.conv_norm_out, "conv_norm_out", h, silu=True)
-        return self.conv(unet.conv_out, Active(y, h.level), halo).values
+        return list(self.split(self.conv(unet.conv_out, Active(y, h.level), halo).values, 0))
 
     # ---- cache access -------------------------------------------------------------------------
-    def put(self, key: str, values: torch.Tensor) -> None:
-        if self.record is not None:
-            self.store.put(self.record, key, values)
+    def put(self, key: str, x: Active) -> None:
+        for lane, values in zip(self.lanes, self.split(x.values, x.level), strict=True):
+            if lane.record is not None:
+                lane.store.put(lane.record, key, values)
 
     # ---- operators ----------------------------------------------------------------------------
     def conv(self, conv: nn.Conv2d, x: Active, halo_of, out_level=None, upsampled=False) -> Active:
-        """`conv` at the active cells of `out_level`; `halo_of(cells)` gives input values outside."""
+        """`conv` at the active cells of `out_level`; `halo_of(lane, cells)` gives a lane's input
+        values outside. One gather and one GEMM for all lanes: each lane's plan is shifted to its
+        rows of the concatenated active values and halos."""
         out_level = x.level if out_level is None else out_level
         if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and not upsampled:
             w = conv.weight.reshape(conv.out_channels, conv.in_channels)
             return Active(F.linear(x.values, w, conv.bias), out_level)
-        index, halo_cells = self.plans.conv(conv, x.level, out_level, upsampled)
-        if len(halo_cells):
-            halo = halo_of(halo_cells)
-        else:
+        active_counts = self.counts(x.level)
+        total_active = sum(active_counts)
+        halos, indices, active_base, halo_base = [], [], 0, 0
+        for j, lane in enumerate(self.lanes):
+            index, halo_cells = lane.plans.conv(conv, x.level, out_level, upsampled)
+            n = active_counts[j]
+            halo = halo_of(j, halo_cells) if len(halo_cells) else x.values.new_zeros(x.values.shape[0], 0, 0)
+            m = halo.shape[1]
+            if len(self.lanes) > 1:  # local rows [active_j, halo_j, zero] -> rows of the whole pass
+                index = torch.where(
+                    index < n,
+                    index + active_base,
+                    torch.where(index < n + m, index - n + total_active + halo_base, -1),
+                )
+            halos.append(halo.to(x.values.dtype) if m else None)
+            indices.append(index)
+            active_base, halo_base = active_base + n, halo_base + m
+        halo = torch.cat([h for h in halos if h is not None], dim=1) if halo_base else None
+        if halo is None:
             halo = x.values.new_zeros(x.values.shape[0], 0, x.values.shape[2])
+        index = torch.cat(indices)
+        if len(self.lanes) > 1:
+            index = torch.where(index < 0, total_active + halo_base, index)  # the shared zero row
         out = sparse_conv2d(x.values, halo, index, self.sparse.conv_matrix(conv), conv.bias)
         return Active(out, out_level)
 
     def norm_act(self, norm: nn.GroupNorm, key: str, x: Active, silu: bool):
-        """Group norm (+ SiLU) of the mixed map at active cells, and the halo function for the conv
-        that reads it: the parent's own normalised values. Where no conv reads the output the cache
-        may hold per-cell sums of the norm's input instead of the input (`NORM_CELL_SUMS`)."""
-        sums_only = self.parent.cache.kinds[key] == NORM_CELL_SUMS
-        cells = self.pyramid.cells[x.level]
-        hw = self.pyramid.masks[x.level].numel()
+        """Group norm (+ SiLU) of each lane's mixed map at its active cells, and the halo function
+        for the conv that reads it: the parent's own normalised values. Where no conv reads the
+        output the cache may hold per-cell sums of the norm's input (`NORM_CELL_SUMS`)."""
         groups = norm.num_groups
-        count = hw * x.values.shape[-1] // groups
-        parent_sums = self.parent.stats(key)
-        if sums_only:
-            removed = sum_cells(self.parent.gather(key, cells))
-            new_cells = cell_sums(x.values, groups)
-            sums = parent_sums - removed + sum_cells(new_cells)
-        else:
-            removed = group_sums(self.parent.gather(key, cells), groups)
-            sums = parent_sums - removed + group_sums(x.values, groups)
-        mean, rstd = group_stats(sums, count, norm.eps)
-        y = group_norm_act(x.values, mean, rstd, norm.weight, norm.bias, silu)
-        if self.record is not None:
+        outputs = []
+        for lane, values in zip(self.lanes, self.split(x.values, x.level), strict=True):
+            parent, pyramid = lane.parent, lane.plans.pyramid
+            cells = pyramid.cells[x.level]
+            count = pyramid.masks[x.level].numel() * values.shape[-1] // groups
+            sums_only = parent.cache.kinds[key] == NORM_CELL_SUMS
+            parent_sums = parent.stats(key)
             if sums_only:
-                self.record[key] = new_cells
-            else:  # statistics of what is stored, not of what was computed
-                stored = self.store.put(self.record, key, x.values)
-                sums = parent_sums - removed + group_sums(stored, groups)
-            self.record[key + STATS] = sums
+                removed = sum_cells(parent.gather(key, cells))
+                new_cells = cell_sums(values, groups)
+                sums = parent_sums - removed + sum_cells(new_cells)
+            else:
+                removed = group_sums(parent.gather(key, cells), groups)
+                sums = parent_sums - removed + group_sums(values, groups)
+            mean, rstd = group_stats(sums, count, norm.eps)
+            outputs.append(group_norm_act(values, mean, rstd, norm.weight, norm.bias, silu))
+            if lane.record is not None:
+                if sums_only:
+                    lane.record[key] = new_cells
+                else:  # statistics of what is stored, not of what was computed
+                    stored = lane.store.put(lane.record, key, values)
+                    sums = parent_sums - removed + group_sums(stored, groups)
+                lane.record[key + STATS] = sums
 
-        def halo(halo_cells: torch.Tensor) -> torch.Tensor:
-            return self.parent.gather_normalized(key, halo_cells, norm, silu)
+        def halo(j: int, halo_cells: torch.Tensor) -> torch.Tensor:
+            return self.lanes[j].parent.gather_normalized(key, halo_cells, norm, silu)
 
-        return y, halo
+        return torch.cat(outputs, dim=1), halo
 
     # ---- blocks -------------------------------------------------------------------------------
     def resnet(self, resnet, x: Active) -> Active:
@@ -216,14 +270,16 @@ class _Run:
         y, halo = self.norm_act(resnet.norm1, f"{name}.norm1", x, silu=True)
         h = self.conv(resnet.conv1, Active(y, x.level), halo)
         if resnet.time_emb_proj is not None:
-            temb = resnet.time_emb_proj(F.silu(self.temb))
-            h = Active(h.values + temb[:, None, :], h.level)
+            per_lane = [resnet.time_emb_proj(F.silu(t))[:, None, :] for t in self.temb]
+            counts = self.counts(h.level)
+            temb = torch.cat([t.expand(-1, n, -1) for t, n in zip(per_lane, counts, strict=True)], dim=1)
+            h = Active(h.values + temb, h.level)
         y, halo = self.norm_act(resnet.norm2, f"{name}.norm2", h, silu=True)
         h = self.conv(resnet.conv2, Active(y, h.level), halo)
         shortcut = x
         if resnet.conv_shortcut is not None:
             key = f"{name}.norm1"  # the shortcut reads the block input, which is norm1's input
-            shortcut = self.conv(resnet.conv_shortcut, x, lambda cells: self.parent.gather(key, cells))
+            shortcut = self.conv(resnet.conv_shortcut, x, self.cached(key))
         return Active((shortcut.values + h.values) / resnet.output_scale_factor, x.level)
 
     def transformer(self, tr, x: Active) -> Active:
@@ -239,27 +295,44 @@ class _Run:
         attn = block.attn1
         n = block.norm1(h)
         q, k, v = attn.to_q(n), attn.to_k(n), attn.to_v(n)
-        cells = self.pyramid.cells[level]
-        keys = self.parent.full(f"{name}.attn1.to_k")
-        values = self.parent.full(f"{name}.attn1.to_v")
-        keys[:, cells], values[:, cells] = k, v
-        self.put(f"{name}.attn1.to_k", k)
-        self.put(f"{name}.attn1.to_v", v)
-        out = active_query_attention(q, keys, values, attn.heads)
-        h = attn.to_out[1](attn.to_out[0](out)) + h
+        counts = self.counts(level)
+        outs = []
+        for lane, q_j, k_j, v_j in zip(self.lanes, *(t.split(counts, dim=1) for t in (q, k, v)), strict=True):
+            cells = lane.plans.pyramid.cells[level]
+            keys = lane.parent.full(f"{name}.attn1.to_k")
+            values = lane.parent.full(f"{name}.attn1.to_v")
+            keys[:, cells], values[:, cells] = k_j, v_j
+            if lane.record is not None:
+                lane.store.put(lane.record, f"{name}.attn1.to_k", k_j)
+                lane.store.put(lane.record, f"{name}.attn1.to_v", v_j)
+            outs.append(active_query_attention(q_j, keys, values, attn.heads))
+        h = attn.to_out[1](attn.to_out[0](torch.cat(outs, dim=1))) + h
         if block.attn2 is not None:
-            h = block.attn2(block.norm2(h), encoder_hidden_states=self.text) + h
+            h = self.cross_attention(block.attn2, block.norm2(h), counts) + h
         return block.ff(block.norm3(h)) + h
+
+    def cross_attention(self, attn, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """`attn(x, encoder_hidden_states=text)` with each lane's own text."""
+        q = attn.to_q(x)
+        outs = [
+            active_query_attention(q_j, attn.to_k(lane.text), attn.to_v(lane.text), attn.heads)
+            for lane, q_j in zip(self.lanes, q.split(counts, dim=1), strict=True)
+        ]
+        return attn.to_out[1](attn.to_out[0](torch.cat(outs, dim=1)))
 
     def downsample(self, down, x: Active) -> Active:
         key = f"{self.names[down]}.conv"
-        self.put(key, x.values)
-        return self.conv(down.conv, x, lambda cells: self.parent.gather(key, cells), x.level + 1)
+        self.put(key, x)
+        return self.conv(down.conv, x, self.cached(key), x.level + 1)
 
     def upsample(self, up, x: Active) -> Active:
         key = self.names[up]
-        self.put(key, x.values)
-        return self.conv(up.conv, x, lambda cells: self.parent.gather(key, cells), x.level - 1, True)
+        self.put(key, x)
+        return self.conv(up.conv, x, self.cached(key), x.level - 1, True)
+
+    def cached(self, key: str):
+        """The halo function reading a lane's parent's stored values of `key`."""
+        return lambda j, cells: self.lanes[j].parent.gather(key, cells)
 
     @staticmethod
     def pointwise(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:

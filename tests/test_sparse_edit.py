@@ -193,3 +193,36 @@ def test_sizes_that_do_not_halve_evenly(sd2_engine):
     sparse = sd2_engine.edit(parent, EDIT, mask=mask, output_type="latent")
     reference = sd2_engine.edit(parent, EDIT, mask=mask, mode="reference", output_type="latent")
     assert max_diff(sparse, reference) <= TOL
+
+
+def test_a_batch_of_edits_equals_each_edit_alone(engine):
+    """Different parents, prompts, masks (one empty) and step counts of the chain, in one pass."""
+    a = engine.generate("a red circle", seed=1, num_inference_steps=4, output_type="latent")
+    b = engine.generate("a blue square", seed=2, num_inference_steps=4, output_type="latent")
+    b1 = engine.edit(
+        b, "a blue square and a cat", mask=blob_mask((16, 16), 0.1, seed=5), output_type="latent"
+    )
+    requests = [
+        (a, "a green circle", blob_mask((16, 16), 0.2, seed=1)),
+        (b1, "a white square", blob_mask((16, 16), 0.05, seed=2)),
+        (a, "a yellow circle", torch.zeros(16, 16, dtype=torch.bool)),
+        (b, "a purple square", blob_mask((16, 16), 0.4, seed=3)),
+    ]
+    together = engine.edit_batch(requests, output_type="latent")
+    for (parent, prompt, mask), batched in zip(requests, together, strict=True):
+        alone = engine.edit(parent, prompt, mask=mask, output_type="latent")
+        torch.testing.assert_close(batched.latents, alone.latents, rtol=0, atol=1e-5)
+        assert batched.stats["macs_executed"] == alone.stats["macs_executed"]
+        assert batched.stats["batch_size"] == 4
+        assert torch.equal(batched.latents[..., ~mask], parent.latents[..., ~mask])  # outside: the parent
+        for step in range(alone.cache.num_steps):  # the caches too
+            for key, value in alone.cache.steps[step].items():
+                torch.testing.assert_close(batched.cache.steps[step][key], value, rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_refuses_mixed_step_counts(engine):
+    a = engine.generate("a red circle", seed=1, num_inference_steps=2, output_type="latent")
+    b = engine.generate("a red circle", seed=1, num_inference_steps=3, output_type="latent")
+    mask = blob_mask((16, 16), 0.2, seed=1)
+    with pytest.raises(ValueError, match="same number of denoising steps"):
+        engine.edit_batch([(a, "x", mask), (b, "x", mask)], output_type="latent")
