@@ -1,5 +1,6 @@
 """Serving throughput on loopback: a bounded closed loop of N concurrent users, each generating an
-image and then editing it round after round with a ~5% mask, against a local Ray Serve app.
+image and then editing it round after round with a ~5% mask (a different blob every edit), against
+a local Ray Serve app.
 
 Systems, each started fresh on the same machine:
   dense     every edit is a dense regeneration behind the same API (what a plain Ray Serve Stable
@@ -57,7 +58,9 @@ def mask_b64(latent: int, ratio: float, seed: int) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def user(base_url: str, uid: int, rounds: int, steps: int, mode: str, mask: str) -> list[dict]:
+def user(
+    base_url: str, uid: int, rounds: int, steps: int, mode: str, latent: int, ratio: float
+) -> list[dict]:
     rows = []
     with httpx.Client(base_url=base_url, timeout=600) as http:
         r = http.post("/v1/sessions", json={"prompt": PROMPT, "seed": uid, "steps": steps})
@@ -67,6 +70,7 @@ def user(base_url: str, uid: int, rounds: int, steps: int, mode: str, mask: str)
         version = body["version_id"]
         for k in range(rounds):
             url = f"/v1/sessions/{body['session_id']}/versions/{version}/edits"
+            mask = mask_b64(latent, ratio, seed=1000 * uid + k)  # a different blob every edit
             start = time.perf_counter()
             r = http.post(
                 url, json={"prompt": EDITS[k % len(EDITS)], "mask_png": mask, "mode": mode}, headers=auth
@@ -103,11 +107,10 @@ def run_system(name: str, args) -> dict:
         }
         serve.run(build_app(app_args), name="fisedit", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
-        mask = mask_b64(args.latent, args.ratio, seed=0)
-        user(base, 10_000, 1, args.steps, system["mode"], mask)  # warm-up
+        user(base, 10_000, 2, args.steps, system["mode"], args.latent, args.ratio)  # warm-up
         with ThreadPoolExecutor(args.users) as pool:
             futures = [
-                pool.submit(user, base, u, args.rounds, args.steps, system["mode"], mask)
+                pool.submit(user, base, u, args.rounds, args.steps, system["mode"], args.latent, args.ratio)
                 for u in range(args.users)
             ]
             rows = [row for f in futures for row in f.result()]

@@ -27,7 +27,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from fisedit_ray.cache import ActivationCache, CacheRecorder, parse_dtype
-from fisedit_ray.macs import count_macs
+from fisedit_ray.macs import AffineMacs, count_macs
 from fisedit_ray.masks import MaskLike, MaskPyramid, to_latent_mask
 from fisedit_ray.models import DEFAULT_MODEL, load_pipeline
 from fisedit_ray.reference import LockstepHooks
@@ -87,7 +87,7 @@ class _Trajectory:
     step_kwargs: dict
 
 
-@dataclass
+@dataclass(eq=False)  # identity: jobs hold tensors
 class _SparseJob:
     """One edit's state in the lockstep sparse phase."""
 
@@ -98,7 +98,15 @@ class _SparseJob:
     cache: ActivationCache
     lane: Lane | None = None
     record: dict | None = None
-    macs: int = 0
+    macs: int | None = 0
+    output: torch.Tensor | None = None
+
+    def cell_counts(self) -> tuple[int, ...]:
+        return tuple(len(cells) for cells in self.plans.pyramid.cells)
+
+    def macs_key(self) -> tuple:
+        """What a pass's MACs depend on besides the active cells."""
+        return (tuple(self.plans.pyramid.sizes), tuple(self.lane.sample.shape), tuple(self.lane.text.shape))
 
     def begin(self, engine: EditEngine, i: int) -> None:
         """Prepare step `i`: the lane the sparse pass runs."""
@@ -144,6 +152,7 @@ class EditEngine:
     def __init__(self, pipe: StableDiffusionPipeline, *, cache_dtype: torch.dtype | str = torch.float32):
         self.pipe = pipe
         self._lock = threading.Lock()
+        self._sparse_macs = AffineMacs()
         self.sparse_unet = SparseUNet(pipe.unet)
         self.cache_dtype = parse_dtype(cache_dtype)
         pipe.set_progress_bar_config(disable=True)
@@ -429,11 +438,21 @@ class EditEngine:
         for i in range(lanes[0].parent.cache.num_steps if lanes else 0):
             for job in lanes:
                 job.begin(self, i)
-            if i == 0:
-                outs = []
+            if i == 0:  # each edit's own MACs: predicted, or counted running it alone
+                counted = []
                 for job in lanes:
-                    (out,), job.macs = _run_counted(partial(self.sparse_unet.run_lanes, [job.lane]), True)
-                    outs.append(out)
+                    job.macs = self._sparse_macs.predict(job.macs_key(), job.cell_counts())
+                    if job.macs is None:
+                        (job.output,), job.macs = count_macs(partial(self.sparse_unet.run_lanes, [job.lane]))
+                        self._sparse_macs.add(job.macs_key(), job.cell_counts(), job.macs)
+                        counted.append(job)
+                rest = [job for job in lanes if job not in counted]
+                if rest:
+                    for job, out in zip(
+                        rest, self.sparse_unet.run_lanes([j.lane for j in rest]), strict=True
+                    ):
+                        job.output = out
+                outs = [job.output for job in lanes]
             else:
                 outs = self.sparse_unet.run_lanes([job.lane for job in lanes])
             for job, out in zip(lanes, outs, strict=True):

@@ -226,3 +226,24 @@ def test_a_batch_refuses_mixed_step_counts(engine):
     mask = blob_mask((16, 16), 0.2, seed=1)
     with pytest.raises(ValueError, match="same number of denoising steps"):
         engine.edit_batch([(a, "x", mask), (b, "x", mask)], output_type="latent")
+
+
+def test_predicted_macs_equal_counted_macs(sd1_pipe):
+    """After a few counted edits of a shape the engine predicts each edit's MACs instead of counting."""
+    from fisedit_ray.macs import AffineMacs
+
+    engine = EditEngine.from_pipeline(sd1_pipe)
+    parent = engine.generate("a red circle", seed=1, num_inference_steps=2, output_type="latent")
+    for seed in range(12):
+        mask = blob_mask((16, 16), 0.05 + 0.05 * seed, seed=seed)
+        edit = engine.edit(parent, "a blue square", mask=mask, output_type="latent")
+        counting = EditEngine.from_pipeline(sd1_pipe)  # a fresh engine counts
+        counted = counting.edit(parent, "a blue square", mask=mask, output_type="latent")
+        assert edit.stats["macs_executed"] == counted.stats["macs_executed"], seed
+    assert engine._sparse_macs.verified  # it did switch to predicting
+    model = AffineMacs()
+    model.add("k", (1, 1), 10)
+    model.add("k", (2, 1), 12)
+    model.add("k", (1, 3), 20)  # solved: 3 + 2 n0 + 5 n1; the next sample checks it
+    model.add("k", (4, 4), 7)  # does not fit: never predicted
+    assert model.predict("k", (2, 2)) is None and model.coefficients["k"] is None
