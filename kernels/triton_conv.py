@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
 
 
 @triton.jit
@@ -40,7 +41,15 @@ def _sparse_conv(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def sparse_conv2d_triton(active, halo, index, matrix, bias) -> torch.Tensor:
+@torch.library.custom_op("fisedit::sparse_conv2d", mutates_args=())
+def sparse_conv2d_triton(
+    active: torch.Tensor,
+    halo: torch.Tensor,
+    index: torch.Tensor,
+    matrix: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """A torch operator (so that torch's FLOP counter sees it, `_flops` below) around the kernel."""
     from .conv import gather_rows
 
     rows = gather_rows(active, halo)
@@ -58,3 +67,9 @@ def sparse_conv2d_triton(active, halo, index, matrix, bias) -> torch.Tensor:
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
     return out
+
+
+@register_flop_formula(torch.ops.fisedit.sparse_conv2d)
+def _flops(active, halo, index, matrix, bias=None, out_shape=None, **kwargs) -> int:
+    """2 x (batch x output cells x Cout x taps * Cin): the GEMM the PyTorch path runs."""
+    return 2 * active[0] * index[0] * matrix[0] * matrix[1]

@@ -63,3 +63,23 @@ def test_active_query_attention(heads, head_dim, queries, keys):
     expected = active_query_attention(q, k, v, heads)
     got = active_query_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), heads)
     torch.testing.assert_close(got.cpu(), expected, **TOL)
+
+
+def test_the_flop_counter_sees_the_triton_kernels():
+    """On a GPU the engine's MAC stats come from torch's counter: the kernels are torch operators
+    with FLOP formulas equal to what the PyTorch path counts."""
+    from fisedit_ray.macs import count_macs
+
+    torch.manual_seed(0)
+    rows, index = torch.randn(2, 30, 40), torch.randint(0, 31, (25, 9))
+    matrix, bias = torch.randn(70, 9 * 40), torch.randn(70)
+    args = (rows[:, :20], rows[:, 20:], index, matrix, bias)
+    _, torch_macs = count_macs(lambda: sparse_conv2d(*args))
+    _, triton_macs = count_macs(lambda: sparse_conv2d_triton(*(a.to(DEVICE) for a in args)))
+    assert triton_macs == torch_macs > 0
+    q, k, v = torch.randn(2, 5, 120), torch.randn(2, 70, 120), torch.randn(2, 70, 120)
+    _, torch_macs = count_macs(lambda: active_query_attention(q, k, v, 3))
+    _, triton_macs = count_macs(
+        lambda: active_query_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), 3)
+    )
+    assert triton_macs == torch_macs > 0
