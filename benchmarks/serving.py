@@ -6,7 +6,7 @@ Systems, each started fresh on the same machine:
   dense     every edit is a dense regeneration behind the same API (what a plain Ray Serve Stable
             Diffusion deployment does)
   sparse    sparse edits, requests routed to any replica (no session affinity): a replica that lacks
-            the parent version rebuilds it from the lineage first
+            the parent version fetches it from the object store first
   full      sparse edits with session affinity (consistent hashing on the session id)
 Edits per second (over the edit phase) and p50/p99 edit latency. Parquet plus a plot.
 
@@ -37,10 +37,10 @@ from ray import serve
 from fisedit_ray.deployments.app import build_app
 from fisedit_ray.masks import blob_mask, mask_image
 
-SYSTEMS = {
-    "dense": dict(mode="dense", affinity=True),
-    "sparse": dict(mode="sparse", affinity=False),
-    "full": dict(mode="sparse", affinity=True),
+SYSTEMS = {  # a plain deployment keeps no caches: the dense baseline stores none
+    "dense": dict(mode="dense", affinity=True, store_caches=False),
+    "sparse": dict(mode="sparse", affinity=False, store_caches=True),
+    "full": dict(mode="sparse", affinity=True, store_caches=True),
 }
 PROMPT = "a red circle at the top left"
 EDITS = ["a blue square at the center", "a green triangle at the center", "a yellow circle at the center"]
@@ -85,6 +85,7 @@ def user(
                     "end": time.perf_counter(),
                     "mask_ratio": edit["stats"]["mask_ratio"],
                     "rebuilt": len(edit["stats"]["rebuilt"]),
+                    "fetched": len(edit["stats"]["fetched"]),
                     "replica": edit["stats"]["replica"],
                 }
             )
@@ -104,6 +105,7 @@ def run_system(name: str, args) -> dict:
             "editor_replicas": args.replicas,
             "editor_cpus": args.cpus / args.replicas,
             "affinity": system["affinity"],
+            "store_caches": system["store_caches"],
         }
         serve.run(build_app(app_args), name="fisedit", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
@@ -131,6 +133,7 @@ def run_system(name: str, args) -> dict:
         "p50_s": float(np.percentile(latencies, 50)),
         "p99_s": float(np.percentile(latencies, 99)),
         "rebuilds_per_edit": statistics.mean(r["rebuilt"] for r in rows),
+        "fetches_per_edit": statistics.mean(r["fetched"] for r in rows),
     }
 
 
@@ -156,7 +159,8 @@ def main() -> None:
         r = rows[-1]
         print(
             f"{name:7s} {r['edits_per_s']:6.2f} edits/s  p50 {r['p50_s']:6.2f}s  p99 {r['p99_s']:6.2f}s  "
-            f"mask {r['mask_ratio']:.1%}  rebuilds/edit {r['rebuilds_per_edit']:.2f}",
+            f"mask {r['mask_ratio']:.1%}  fetches/edit {r['fetches_per_edit']:.2f}  "
+            f"rebuilds/edit {r['rebuilds_per_edit']:.2f}",
             flush=True,
         )
     base = next((r["edits_per_s"] for r in rows if r["system"] == "dense"), None)

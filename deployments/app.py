@@ -7,6 +7,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from fisedit_ray.deployments.cache_owner import CacheOwner
 from fisedit_ray.deployments.editor import Editor
 from fisedit_ray.deployments.ingress import Ingress
 
@@ -18,11 +19,12 @@ def build_app(args: dict | None = None) -> Application:
     `scenes`), `cache_dtype`, `editor_replicas` (default 1), `editor_cpus` (CPUs per editor replica,
     default 1), `editor_gpus` (default 0), `max_ongoing_requests` / `max_queued_requests` of the
     ingress (default 32 / 64; a full queue answers 503 with Retry-After), `affinity` (default true;
-    false routes each call to any replica, which then rebuilds what it lacks: the serving
-    benchmark's baseline)."""
+    false routes each call to any replica, which then fetches what it lacks), `store_caches`
+    (default true: every version goes to the object store; false: a miss always rebuilds, as for a
+    plain deployment that keeps no caches)."""
     args = dict(args or {})
     cpus = float(args.get("editor_cpus", 1))
-    affinity = str(args.get("affinity", True)).lower() not in ("false", "0", "no")
+    affinity = _flag(args.get("affinity", True))
     router = RequestRouterConfig(request_router_class=CONSISTENT_HASH) if affinity else RequestRouterConfig()
     editor = serve.deployment(
         Editor,
@@ -34,9 +36,18 @@ def build_app(args: dict | None = None) -> Application:
         max_ongoing_requests=8,  # also the most edits one sparse batch can gather
         request_router_config=router,
         health_check_period_s=10,
-    ).bind(model=args.get("model", "scenes"), cache_dtype=args.get("cache_dtype"), threads=max(1, int(cpus)))
+    ).bind(
+        model=args.get("model", "scenes"),
+        cache_dtype=args.get("cache_dtype"),
+        threads=max(1, int(cpus)),
+        owner=CacheOwner.bind() if _flag(args.get("store_caches", True)) else None,
+    )
     return Ingress.options(
         ray_actor_options={"num_cpus": float(args.get("ingress_cpus", 0))},
         max_ongoing_requests=int(args.get("max_ongoing_requests", 32)),
         max_queued_requests=int(args.get("max_queued_requests", 64)),
     ).bind(editor)
+
+
+def _flag(value) -> bool:
+    return str(value).lower() not in ("false", "0", "no")

@@ -2,7 +2,9 @@
 
 Requests carry a version's lineage (the generation's parameters and the edit chain from the root),
 so a replica that does not hold a version, after a reroute or a restart, rebuilds it by replaying
-the lineage: the engine is deterministic, so the rebuilt version is the same image and cache.
+the lineage: the engine is deterministic, so the rebuilt version is the same image and cache. Before
+rebuilding, it fetches what it can from the cache owner (`cache_owner`): every version a replica
+computes is stored there, in the object store.
 
 Sparse edits whose parent is hot go through a batcher (`@serve.batch`): the edits that arrive
 together are grouped by step count, guidance and sparsity bucket, and each group runs as one
@@ -17,8 +19,10 @@ from collections import OrderedDict, defaultdict
 import torch
 from PIL import Image
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from fisedit_ray import EditEngine
+from fisedit_ray.deployments.cache_owner import version_from_payload, version_payload
 from fisedit_ray.engine import Version
 from fisedit_ray.masks import mask_image, to_latent_mask
 
@@ -33,8 +37,14 @@ def png(image: Image.Image) -> bytes:
 
 class Editor:
     def __init__(
-        self, model: str = "scenes", cache_dtype: str | None = None, threads: int = 1, max_versions: int = 256
+        self,
+        model: str = "scenes",
+        cache_dtype: str | None = None,
+        threads: int = 1,
+        max_versions: int = 256,
+        owner: DeploymentHandle | None = None,
     ):
+        self.owner = owner
         torch.set_num_threads(threads)  # explicit: results depend on it in their last bits
         self.engine = EditEngine.from_pretrained(model, cache_dtype=cache_dtype)
         self.max_versions = max_versions
@@ -55,13 +65,15 @@ class Editor:
                 mask = self._latent_mask(parent, record)  # refused here, alone, not in a batch
                 self.engine.check_prompt(record["prompt"])
                 version = await self._sparse_batch(parent, record, mask)
-                self._keep(session_id, version)
-                rebuilt = []
+                fetched, rebuilt = [], []
             else:
-                rebuilt, version = self._materialise(session_id, lineage)
+                fetched, rebuilt, version = await self._materialise(session_id, lineage)
         except ValueError as e:
             return {"error": str(e)}
-        return self._result(version, rebuilt)
+        self._keep(session_id, version)
+        if self.owner is not None:
+            await self.owner.put.remote(session_id, version.id, version_payload(version))
+        return self._result(version, fetched, rebuilt)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _sparse_batch(self, parents: list, records: list, masks: list) -> list[Version]:
@@ -89,17 +101,19 @@ class Editor:
         mask = self._mask_image(record)
         return to_latent_mask(mask, self.engine.latent_size(parent.settings), self.engine.vae_scale)
 
-    def _result(self, version: Version, rebuilt: list[str]) -> dict:
+    def _result(self, version: Version, fetched: list[str], rebuilt: list[str]) -> dict:
         mask = None if version.mask is None else mask_image(version.mask, self.engine.vae_scale)
         return {
             "version_id": version.id,
             "image_png": png(version.image),
             "mask_png": None if mask is None else png(mask),
-            "stats": {**version.stats, "replica": self.replica(), "rebuilt": rebuilt},
+            "stats": {**version.stats, "replica": self.replica(), "fetched": fetched, "rebuilt": rebuilt},
         }
 
-    def drop(self, session_id: str) -> int:
-        """Forget a session's versions (their caches go with them)."""
+    async def drop(self, session_id: str) -> int:
+        """Forget a session's versions, here and in the cache owner."""
+        if self.owner is not None:
+            await self.owner.drop.remote(session_id)
         keys = [k for k in self.hot if k[0] == session_id]
         for k in keys:
             del self.hot[k]
@@ -109,20 +123,33 @@ class Editor:
         if self.engine is None:
             raise RuntimeError("no engine")
 
-    def _materialise(self, session_id: str, lineage: list[dict]) -> tuple[list[str], Version]:
+    async def _materialise(self, session_id: str, lineage: list[dict]) -> tuple[list, list, Version]:
+        """The last version of `lineage`: its nearest hot ancestor, then ancestors fetched from the
+        cache owner, then the rest computed (rebuilt, for ancestors)."""
         start = len(lineage)
         while start > 0 and (session_id, lineage[start - 1]["id"]) not in self.hot:
             start -= 1
-        version = self.hot[(session_id, lineage[start - 1]["id"])] if start else None
-        if version is not None:
-            self.hot.move_to_end((session_id, version.id))
-        rebuilt = []
-        for i, record in enumerate(lineage[start:], start):
+        version = self._hot(session_id, lineage[start - 1]["id"]) if start else None
+        fetched, rebuilt = [], []
+        for record in lineage[start:-1]:
+            payload = await self._fetch(session_id, record["id"])
+            if payload is None:
+                break
+            version = version_from_payload(payload, version, self.engine.device)
+            self._keep(session_id, version)
+            fetched.append(version.id)
+            start += 1
+        for record in lineage[start:-1]:
             version = self._compute(record, version)
             self._keep(session_id, version)
-            if i < len(lineage) - 1:
-                rebuilt.append(version.id)
-        return rebuilt, version
+            rebuilt.append(version.id)
+        return fetched, rebuilt, self._compute(lineage[-1], version)
+
+    async def _fetch(self, session_id: str, version_id: str) -> dict | None:
+        if self.owner is None:
+            return None
+        refs = await self.owner.get.remote(session_id, version_id)
+        return await refs[0] if refs else None
 
     def _compute(self, record: dict, parent: Version | None) -> Version:
         if parent is None:

@@ -24,7 +24,7 @@ class ServiceMetrics:
         self.cache_bytes = metrics.Histogram("fisedit_cache_bytes", "Bytes of a new version's cache", BYTES)
         self.cache_lookups = metrics.Counter(
             "fisedit_cache_lookups",
-            "Parent versions found hot on the replica (hit) or rebuilt (miss)",
+            "Parents found hot on the replica (hit), fetched from the object store, or rebuilt",
             ("result",),
         )
         self.sessions = metrics.Gauge("fisedit_sessions", "Open sessions on this ingress replica")
@@ -39,4 +39,5 @@ class ServiceMetrics:
             self.mask_ratio.observe(stats["mask_ratio"])
             if stats["macs_dense"] > stats["macs_executed"]:
                 self.macs_saved.inc(stats["macs_dense"] - stats["macs_executed"])
-            self.cache_lookups.inc(tags={"result": "miss" if stats["rebuilt"] else "hit"})
+            result = "rebuilt" if stats["rebuilt"] else "fetched" if stats["fetched"] else "hit"
+            self.cache_lookups.inc(tags={"result": result})

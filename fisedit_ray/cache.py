@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 from fisedit_ray.kernels.gather import scatter_rows
 from fisedit_ray.kernels.group_norm import (
@@ -197,10 +197,8 @@ class ActivationCache:
         }
 
     # ---- persistence --------------------------------------------------------------------------
-    def save(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = {
+    def _meta(self) -> dict:
+        return {
             "format": FORMAT_VERSION,
             "storage_dtype": dtype_name(self.storage_dtype),
             "sizes": [list(s) for s in self.sizes],
@@ -210,43 +208,81 @@ class ActivationCache:
             "num_steps": self.num_steps,
             "delta": self.is_delta,
         }
-        trajectory = {f"latents/{i:04d}": t for i, t in enumerate(self.latents)}
-        trajectory.update({f"noise_pred/{i:04d}": t for i, t in enumerate(self.noise_preds)})
-        if self.cells is not None:
-            trajectory.update({f"cells/{i}": c for i, c in enumerate(self.cells)})
-        save_file({k: v.contiguous() for k, v in trajectory.items()}, folder / "trajectory.safetensors")
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous() for k, v in self.tensors().items()}
+        trajectory = {k: v for k, v in tensors.items() if not k.startswith("step")}
+        save_file(trajectory, folder / "trajectory.safetensors")
         for i, step in enumerate(self.steps):
             save_file(step, folder / f"step{i:04d}.safetensors")
-        (folder / "cache.json").write_text(json.dumps(meta, indent=1))
+        (folder / "cache.json").write_text(json.dumps(self._meta(), indent=1))
+
+    def to_bytes(self) -> bytes:
+        """The whole cache (a delta: its own part only) as one safetensors blob."""
+        tensors = {k: v.contiguous() for k, v in self.tensors().items()}
+        return save({k: v.cpu() for k, v in tensors.items()}, metadata={"cache": json.dumps(self._meta())})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, parent: ActivationCache | None = None) -> ActivationCache:
+        try:
+            meta = json.loads(_safetensors_metadata(data)["cache"])
+            tensors = load(data)
+        except (KeyError, ValueError, SafetensorError) as e:  # ValueError: bad JSON or UTF-8
+            raise ValueError(f"cannot read the activation cache: {e}") from e
+        steps: list[dict[str, torch.Tensor]] = [{} for _ in range(meta["num_steps"])]
+        for name, t in tensors.items():
+            if name.startswith("step"):
+                step, key = name.split("/", 1)
+                steps[int(step.removeprefix("step"))][key] = t
+        return cls._from_parts(meta, tensors, steps, parent, "the given bytes")
 
     @classmethod
     def load(cls, folder: str | Path, parent: ActivationCache | None = None) -> ActivationCache:
         folder = Path(folder)
         try:
             meta = json.loads((folder / "cache.json").read_text())
-            if meta.get("format") != FORMAT_VERSION:
-                raise ValueError(f"unsupported cache format {meta.get('format')!r}")
-            if meta["delta"] and parent is None:
-                raise ValueError("this cache is a delta and needs its parent's cache")
             trajectory = load_file(folder / "trajectory.safetensors")
             steps = [load_file(folder / f"step{i:04d}.safetensors") for i in range(meta["num_steps"])]
-        except (OSError, KeyError, json.JSONDecodeError, ValueError, SafetensorError) as e:
+        except (OSError, KeyError, json.JSONDecodeError, SafetensorError) as e:
             raise ValueError(f"cannot load the activation cache in {folder}: {e}") from e
-        cells = None
-        if meta["delta"]:
-            cells = tuple(trajectory[f"cells/{i}"] for i in range(len(meta["sizes"])))
-        return cls(
-            DTYPES[meta["storage_dtype"]],
-            [tuple(s) for s in meta["sizes"]],
-            meta["kinds"],
-            {k: int(v) for k, v in meta["levels"].items()},
-            meta["skips"],
-            steps,
-            [trajectory[f"latents/{i:04d}"] for i in range(meta["num_steps"] + 1)],
-            [trajectory[f"noise_pred/{i:04d}"] for i in range(meta["num_steps"])],
-            parent=parent,
-            cells=cells,
-        )
+        return cls._from_parts(meta, trajectory, steps, parent, f"in {folder}")
+
+    @classmethod
+    def _from_parts(cls, meta, trajectory, steps, parent, where: str) -> ActivationCache:
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(
+                f"cannot load the activation cache {where}: unsupported format {meta.get('format')!r}"
+            )
+        if meta["delta"] and parent is None:
+            raise ValueError(
+                f"cannot load the activation cache {where}: it is a delta and needs its parent's cache"
+            )
+        try:
+            cells = None
+            if meta["delta"]:
+                cells = tuple(trajectory[f"cells/{i}"] for i in range(len(meta["sizes"])))
+            return cls(
+                DTYPES[meta["storage_dtype"]],
+                [tuple(s) for s in meta["sizes"]],
+                meta["kinds"],
+                {k: int(v) for k, v in meta["levels"].items()},
+                meta["skips"],
+                steps,
+                [trajectory[f"latents/{i:04d}"] for i in range(meta["num_steps"] + 1)],
+                [trajectory[f"noise_pred/{i:04d}"] for i in range(meta["num_steps"])],
+                parent=parent,
+                cells=cells,
+            )
+        except KeyError as e:
+            raise ValueError(f"cannot load the activation cache {where}: {e} is missing") from e
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The metadata of a safetensors blob (its JSON header's `__metadata__`)."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__", {})
 
 
 class CacheReader:

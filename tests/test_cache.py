@@ -46,6 +46,19 @@ def test_save_load_round_trip_is_exact(engine, parent, tmp_path):
     assert torch.equal(from_memory.latents, from_disk.latents)
 
 
+def test_bytes_round_trip_is_exact(engine, parent):
+    edit = engine.edit(parent, EDIT, mask=blob_mask((16, 16), 0.1, seed=1), output_type="latent")
+    loaded_parent = ActivationCache.from_bytes(parent.cache.to_bytes())
+    loaded_edit = ActivationCache.from_bytes(edit.cache.to_bytes(), parent=loaded_parent)
+    assert_same_tensors(parent.cache, loaded_parent)
+    assert_same_tensors(edit.cache, loaded_edit)
+    assert (loaded_edit.kinds, loaded_edit.skips) == (edit.cache.kinds, edit.cache.skips)
+    with pytest.raises(ValueError, match="needs its parent's cache"):
+        ActivationCache.from_bytes(edit.cache.to_bytes())
+    with pytest.raises(ValueError, match="cannot read the activation cache"):
+        ActivationCache.from_bytes(b"garbage!" * 4)
+
+
 def test_byte_count_equals_stored_tensors(engine, parent, tmp_path):
     edit = engine.edit(parent, EDIT, mask=blob_mask((16, 16), 0.1, seed=1), output_type="latent")
     for name, version in (("parent", parent), ("edit", edit)):

@@ -129,18 +129,31 @@ def test_each_session_stays_on_one_replica(service):
         replicas[body["session_id"]] = seen.pop()
 
 
-def test_a_killed_replica_loses_nothing(service, engine, one_thread):
-    body, auth = create(service, seed=7)
+def kill_replica_of(service, auth, body):
+    """Edit once, kill the replica that served it; returns that first edit."""
     first = edit(service, body["session_id"], auth, body["version_id"]).json()
     replica = first["stats"]["replica"]
     actor = next(a for a in ray.util.list_named_actors(all_namespaces=True) if replica in a["name"])
     ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    return first
+
+
+@pytest.mark.parametrize("owner_has_it", [True, False], ids=["fetched", "rebuilt"])
+def test_a_killed_replica_loses_nothing(service, engine, one_thread, owner_has_it):
+    seed = 7 if owner_has_it else 8
+    body, auth = create(service, seed=seed)
+    first = kill_replica_of(service, auth, body)
+    if not owner_has_it:  # the object store lost them too: rebuild from the lineage
+        owner = serve.get_deployment_handle("CacheOwner", app_name="fisedit")
+        assert owner.drop.remote(body["session_id"]).result() == 2
     r = edit(service, body["session_id"], auth, first["version_id"], prompt="a green circle")
     assert r.status_code == 201, r.text
     second = r.json()
-    assert second["stats"]["replica"] != replica  # another replica, which held none of it,
-    assert second["stats"]["rebuilt"] == [body["version_id"], first["version_id"]]  # rebuilt it
-    parent = engine.generate(PROMPT, seed=7, num_inference_steps=3)
+    assert second["stats"]["replica"] != first["stats"]["replica"]  # another replica, which held none
+    ancestors = [body["version_id"], first["version_id"]]
+    assert second["stats"]["fetched" if owner_has_it else "rebuilt"] == ancestors
+    assert second["stats"]["rebuilt" if owner_has_it else "fetched"] == []
+    parent = engine.generate(PROMPT, seed=seed, num_inference_steps=3)
     child = engine.edit(parent, EDIT, mask=blob_mask((16, 16), 0.2, seed=1))
     grandchild = engine.edit(child, "a green circle", mask=blob_mask((16, 16), 0.2, seed=1))
     got = png_array(service.get(second["image_url"], headers=auth).content)

@@ -1,0 +1,78 @@
+"""Versions in the Ray object store, owned by a long-lived deployment (an object dies with its owner,
+so request handlers must not own them). A replica that lacks a version fetches it from here before
+it falls back to rebuilding it from the lineage."""
+
+from __future__ import annotations
+
+import io
+
+import ray
+import torch
+from PIL import Image
+from ray import serve
+from safetensors.torch import load, save
+
+from fisedit_ray.cache import ActivationCache
+from fisedit_ray.engine import Settings, Version
+
+
+def version_payload(version: Version) -> dict:
+    """A version without its parent: metadata, PNG, latents and mask, and its own cache (a delta
+    for an edit), as bytes and plain values."""
+    tensors = {"latents": version.latents.detach().cpu().contiguous()}
+    if version.mask is not None:
+        tensors["mask"] = version.mask.cpu().to(torch.uint8).contiguous()
+    image = None
+    if version.image is not None:
+        buffer = io.BytesIO()
+        version.image.save(buffer, format="PNG")
+        image = buffer.getvalue()
+    return {
+        "id": version.id,
+        "prompt": version.prompt,
+        "settings": version.settings.to_json(),
+        "mode": version.mode,
+        "stats": version.stats,
+        "image_png": image,
+        "tensors": save(tensors),
+        "cache": version.cache.to_bytes(),
+    }
+
+
+def version_from_payload(payload: dict, parent: Version | None, device: torch.device) -> Version:
+    tensors = load(payload["tensors"])
+    cache = ActivationCache.from_bytes(payload["cache"], parent.cache if parent is not None else None)
+    image = Image.open(io.BytesIO(payload["image_png"])).convert("RGB") if payload["image_png"] else None
+    mask = tensors["mask"].bool() if "mask" in tensors else None
+    return Version(
+        payload["prompt"],
+        Settings(**payload["settings"]),
+        payload["mode"],
+        tensors["latents"].to(device),
+        image,
+        cache,
+        payload["stats"],
+        parent,
+        mask,
+        payload["id"],
+    )
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+class CacheOwner:
+    def __init__(self) -> None:
+        self.refs: dict[tuple[str, str], ray.ObjectRef] = {}
+
+    def put(self, session_id: str, version_id: str, payload: dict) -> None:
+        self.refs[(session_id, version_id)] = ray.put(payload)
+
+    def get(self, session_id: str, version_id: str) -> list:
+        """`[ref]` of the version's payload (nested, so the caller reads the object store), or `[]`."""
+        ref = self.refs.get((session_id, version_id))
+        return [ref] if ref is not None else []
+
+    def drop(self, session_id: str) -> int:
+        keys = [k for k in self.refs if k[0] == session_id]
+        for k in keys:
+            del self.refs[k]
+        return len(keys)
