@@ -16,24 +16,25 @@ from fisedit_ray.cache import ActivationCache
 from fisedit_ray.engine import Settings, Version
 
 
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def version_payload(version: Version) -> dict:
     """A version without its parent: metadata, PNG, latents and mask, and its own cache (a delta
     for an edit), as bytes and plain values."""
     tensors = {"latents": version.latents.detach().cpu().contiguous()}
     if version.mask is not None:
         tensors["mask"] = version.mask.cpu().to(torch.uint8).contiguous()
-    image = None
-    if version.image is not None:
-        buffer = io.BytesIO()
-        version.image.save(buffer, format="PNG")
-        image = buffer.getvalue()
     return {
         "id": version.id,
         "prompt": version.prompt,
         "settings": version.settings.to_json(),
         "mode": version.mode,
         "stats": version.stats,
-        "image_png": image,
+        "image_png": None if version.image is None else png(version.image),
         "tensors": save(tensors),
         "cache": version.cache.to_bytes(),
     }

@@ -22,20 +22,16 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from fisedit_ray import EditEngine
-from fisedit_ray.deployments.cache_owner import version_from_payload, version_payload
+from fisedit_ray.deployments.cache_owner import png, version_from_payload, version_payload
 from fisedit_ray.engine import Version
 from fisedit_ray.masks import mask_image, to_latent_mask
 
 SPARSITY_BUCKET = 0.1  # edits batched together differ by less than this in mask ratio
 
 
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 class Editor:
+    """An engine, its hot versions, and the way to get any version of a session's lineage."""
+
     def __init__(
         self,
         model: str = "scenes",
@@ -54,7 +50,7 @@ class Editor:
         return serve.get_replica_context().replica_id.unique_id
 
     async def run(self, session_id: str, lineage: list[dict]) -> dict:
-        """Produce the last version of `lineage` (root first), rebuilding missing ancestors.
+        """Produce the last version of `lineage` (root first), fetching or rebuilding ancestors.
 
         Returns its PNGs and stats, or `{"error": message}` for input the engine refuses (nothing is
         kept then)."""

@@ -237,8 +237,7 @@ class EditEngine:
         settings = parent.settings
         phases = _Phases()
         with phases("mask"):
-            latent_mask = to_latent_mask(mask, self.latent_size(settings), self.vae_scale)
-            pyramid = MaskPyramid.build(latent_mask, self.sparse_unet.level_sizes(latent_mask.shape))
+            latent_mask, pyramid = self._mask_pyramid(parent, mask)
         with phases("text_encode"):
             embeds = self._encode(prompt, settings)
         if mode == "dense":
@@ -255,9 +254,7 @@ class EditEngine:
             with phases("sparse_steps"):
                 ((cache, macs),) = self._run_sparse([(parent, embeds, pyramid)])
         with phases("decode"):
-            image = self._decode(cache.latents[-1], output_type)
-            if image is not None and mode != "dense" and parent.image is not None:
-                image = _composite(image, parent.image, latent_mask, self.vae_scale)
+            image = self._image(cache, parent, latent_mask, mode, output_type)
         stats = _stats(mode, macs, phases, cache, mask_ratio=pyramid.ratio)
         return Version(prompt, settings, mode, cache.latents[-1], image, cache, stats, parent, latent_mask)
 
@@ -273,36 +270,45 @@ class EditEngine:
         the stats are the batch's; `batch_size` says how many ran together."""
         _check_output_type(output_type)
         phases = _Phases()
-        jobs, masks = [], []
         with phases("mask"):
-            for parent, _, mask in requests:
-                latent_mask = to_latent_mask(mask, self.latent_size(parent.settings), self.vae_scale)
-                masks.append(latent_mask)
-                sizes = self.sparse_unet.level_sizes(latent_mask.shape)
-                jobs.append([parent, None, MaskPyramid.build(latent_mask, sizes)])
+            masks = [self._mask_pyramid(parent, mask) for parent, _, mask in requests]
         with phases("text_encode"):
-            for job, (parent, prompt, _) in zip(jobs, requests, strict=True):
-                job[1] = self._encode(prompt, parent.settings)
+            embeds = [self._encode(prompt, parent.settings) for parent, prompt, _ in requests]
         with phases("sparse_steps"):
-            results = self._run_sparse([tuple(job) for job in jobs])
-        versions = []
+            jobs = [
+                (parent, e, pyramid)
+                for (parent, _, _), e, (_, pyramid) in zip(requests, embeds, masks, strict=True)
+            ]
+            results = self._run_sparse(jobs)
         with phases("decode"):
-            images = [self._decode(cache.latents[-1], output_type) for cache, _ in results]
-        for (parent, prompt, _), (cache, macs), image, latent_mask, job in zip(
-            requests, results, images, masks, jobs, strict=True
+            images = [
+                self._image(cache, parent, latent_mask, "sparse", output_type)
+                for (cache, _), (parent, _, _), (latent_mask, _) in zip(results, requests, masks, strict=True)
+            ]
+        versions = []
+        for (parent, prompt, _), (cache, macs), image, (latent_mask, pyramid) in zip(
+            requests, results, images, masks, strict=True
         ):
-            if image is not None and parent.image is not None:
-                image = _composite(image, parent.image, latent_mask, self.vae_scale)
-            stats = _stats("sparse", macs, phases, cache, mask_ratio=job[2].ratio, batch_size=len(requests))
-            settings = parent.settings
-            versions.append(
-                Version(
-                    prompt, settings, "sparse", cache.latents[-1], image, cache, stats, parent, latent_mask
-                )
+            stats = _stats("sparse", macs, phases, cache, mask_ratio=pyramid.ratio, batch_size=len(requests))
+            version = Version(
+                prompt, parent.settings, "sparse", cache.latents[-1], image, cache, stats, parent
             )
+            version.mask = latent_mask
+            versions.append(version)
         return versions
 
     # ---- pieces -------------------------------------------------------------------------------
+    def _mask_pyramid(self, parent: Version, mask: MaskLike) -> tuple[torch.Tensor, MaskPyramid]:
+        latent_mask = to_latent_mask(mask, self.latent_size(parent.settings), self.vae_scale)
+        return latent_mask, MaskPyramid.build(latent_mask, self.sparse_unet.level_sizes(latent_mask.shape))
+
+    def _image(self, cache, parent: Version, latent_mask, mode: str, output_type: str) -> Image.Image | None:
+        """The decoded image; outside the mask (grown by the decoder's reach) the parent's pixels."""
+        image = self._decode(cache.latents[-1], output_type)
+        if image is not None and mode != "dense" and parent.image is not None:
+            image = _composite(image, parent.image, latent_mask, self.vae_scale)
+        return image
+
     def _settings(self, seed, steps, guidance, height, width, negative_prompt) -> Settings:
         default = self.pipe.unet.config.sample_size * self.vae_scale
         height, width = height or default, width or default
