@@ -32,12 +32,15 @@ from fisedit_ray.sparse_unet import GatherPlans, SparseUNet
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()  # a GPU runs asynchronously: time the work, not its launch
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -54,18 +57,21 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (the Triton kernels)")
     parser.add_argument("--out", type=Path, default=Path("results/unet_step"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
+    device = torch.device(args.device)
     unet32 = UNet2DConditionModel(**SD15_UNET).eval()
     unet = unet32 if dtype == torch.float32 else UNet2DConditionModel(**SD15_UNET).to(dtype).eval()
     unet.load_state_dict(unet32.state_dict())
+    unet32, unet = unet32.to(device), unet.to(device)
     size = (args.latent, args.latent)
-    sample = torch.randn(2, 4, *size)
-    text = torch.randn(2, 77, 768)
-    t = torch.tensor(500)
+    sample = torch.randn(2, 4, *size).to(device)
+    text = torch.randn(2, 77, 768).to(device)
+    t = torch.tensor(500, device=device)
     cache, sparse_unet = record(unet, sample.to(dtype), t, text.to(dtype))
     step_bytes = cache.byte_stats()["per_step"][0]
     if dtype != torch.float32:  # the float32 yardstick
@@ -83,10 +89,10 @@ def main() -> None:
     for ratio in args.ratios:
         pyramid = MaskPyramid.build(blob_mask(size, ratio, seed=0), cache.sizes)
         plans = GatherPlans(pyramid, sample.device)
-        edited = sample + 0.1 * torch.randn(sample.shape).to(dtype)
+        edited = sample + 0.1 * torch.randn(sample.shape).to(device, dtype)
 
         def sparse(plans=plans, edited=edited):
-            return sparse_unet(edited, t, text, cache.reader(0, dtype=dtype), plans)
+            return sparse_unet(edited, t, text, cache.reader(0, device, dtype), plans)
 
         _, sparse_macs = count_macs(sparse)
         sparse_s = median_seconds(sparse, args.repeats)
@@ -106,7 +112,7 @@ def main() -> None:
             "repeats": args.repeats,
         }
         if dtype != torch.float32:
-            out32 = sparse32(edited.float(), t, text.float(), cache32.reader(0), plans)
+            out32 = sparse32(edited.float(), t, text.float(), cache32.reader(0, device), plans)
             row["sparse_max_abs_error_vs_fp32"] = (sparse().float() - out32).abs().max().item()
             row["dense_max_abs_error_vs_fp32"] = dense_error.max().item()
             row["fp32_output_max_abs"] = dense32.abs().max().item()
