@@ -37,13 +37,13 @@ class Editor:
         model: str = "scenes",
         cache_dtype: str | None = None,
         threads: int = 1,
-        max_versions: int = 256,
+        hot_bytes: float = 4 * 2**30,
         owner: DeploymentHandle | None = None,
     ):
         self.owner = owner
         torch.set_num_threads(threads)  # explicit: results depend on it in their last bits
         self.engine = EditEngine.from_pretrained(model, cache_dtype=cache_dtype)
-        self.max_versions = max_versions
+        self.hot_bytes = hot_bytes  # a budget for the versions' own caches (a generation's is big)
         self.hot: OrderedDict[tuple[str, str], Version] = OrderedDict()  # LRU of versions
 
     def replica(self) -> str:
@@ -175,6 +175,10 @@ class Editor:
         return mask
 
     def _keep(self, session_id: str, version: Version) -> None:
+        """Keep `version` hot; evict the least recently used beyond the byte budget (an evicted
+        version comes back from the cache owner, or is rebuilt). The newest always stays."""
         self.hot[(session_id, version.id)] = version
-        while len(self.hot) > self.max_versions:
-            self.hot.popitem(last=False)
+        held = sum(v.stats["cache_bytes"]["total"] for v in self.hot.values())
+        while held > self.hot_bytes and len(self.hot) > 1:
+            _, evicted = self.hot.popitem(last=False)
+            held -= evicted.stats["cache_bytes"]["total"]

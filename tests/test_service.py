@@ -307,3 +307,22 @@ def test_concurrent_edits_on_one_replica_are_batched_and_equal_alone(service, en
         alone = engine.edit(parent, prompts[k], mask=masks[k])
         got = png_array(service.get(r.json()["image_url"], headers=auth).content).astype(int)
         assert np.abs(got - np.asarray(alone.image)).max() <= 1  # batched GEMMs round differently
+
+
+def test_an_editor_over_its_byte_budget_fetches_what_it_evicted(service, engine, one_thread):
+    small = {"model": "tiny", "editor_cpus": 0.25, "editor_hot_gib": 1e-6}  # only the newest stays
+    serve.run(build_app(small), name="small", route_prefix="/small")
+    try:
+        r = service.post("/small/v1/sessions", json={"prompt": PROMPT, "seed": 5, "steps": 3})
+        body, auth = r.json(), {"Authorization": f"Bearer {r.json()['token']}"}
+        url = f"/small/v1/sessions/{body['session_id']}/versions/{body['version_id']}/edits"
+        mask = blob_mask((16, 16), 0.2, seed=1)
+        first = service.post(url, json={"prompt": EDIT, "mask_png": mask_png(mask)}, headers=auth).json()
+        assert first["stats"]["fetched"] == []  # its parent was hot
+        second = service.post(url, json={"prompt": "a cat", "mask_png": mask_png(mask)}, headers=auth).json()
+        assert second["stats"]["fetched"] == [body["version_id"]]  # evicted by the first edit
+        expected = engine.edit(engine.generate(PROMPT, seed=5, num_inference_steps=3), "a cat", mask=mask)
+        got = png_array(service.get("/small" + second["image_url"], headers=auth).content)
+        assert np.array_equal(got, np.asarray(expected.image))
+    finally:
+        serve.delete("small")
