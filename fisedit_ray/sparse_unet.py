@@ -210,20 +210,18 @@ class _Run:
         for j, lane in enumerate(self.lanes):
             index, halo_cells = lane.plans.conv(conv, x.level, out_level, upsampled)
             n = active_counts[j]
-            halo = halo_of(j, halo_cells) if len(halo_cells) else x.values.new_zeros(x.values.shape[0], 0, 0)
-            m = halo.shape[1]
+            if len(halo_cells):
+                halos.append(halo_of(j, halo_cells).to(x.values.dtype))
+            m = len(halo_cells)
             if len(self.lanes) > 1:  # local rows [active_j, halo_j, zero] -> rows of the whole pass
                 index = torch.where(
                     index < n,
                     index + active_base,
                     torch.where(index < n + m, index - n + total_active + halo_base, -1),
                 )
-            halos.append(halo.to(x.values.dtype) if m else None)
             indices.append(index)
             active_base, halo_base = active_base + n, halo_base + m
-        halo = torch.cat([h for h in halos if h is not None], dim=1) if halo_base else None
-        if halo is None:
-            halo = x.values.new_zeros(x.values.shape[0], 0, x.values.shape[2])
+        halo = torch.cat(halos, dim=1) if halos else x.values[:, :0]
         index = torch.cat(indices)
         if len(self.lanes) > 1:
             index = torch.where(index < 0, total_active + halo_base, index)  # the shared zero row

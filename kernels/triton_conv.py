@@ -10,6 +10,8 @@ import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
+from .conv import gather_rows
+
 
 @triton.jit
 def _sparse_conv(
@@ -50,8 +52,6 @@ def sparse_conv2d_triton(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """A torch operator (so that torch's FLOP counter sees it, `_flops` below) around the kernel."""
-    from .conv import gather_rows
-
     rows = gather_rows(active, halo)
     b, r, cin = rows.shape
     n, taps = index.shape
