@@ -3,7 +3,10 @@
 Classifier-free guidance (batch 2), compact blob masks of SIGE's edit ratios (1.6, 4.8, 11.8, 25%)
 and FISEdit's (5, 15, 30%). For each mask: the dense diffusers forward and the sparse forward over a
 cache recorded from one dense step, timed in the same run (warm-up, then the median of --repeats),
-the MACs each actually executed, and efficiency = time speed-up / MACs reduction. In bfloat16 it
+the MACs each actually executed, and efficiency = time speed-up / MACs reduction. Next to it, the
+bound no sparse step can beat: every layer has active cells, so a step reads every weight once
+(`weight_stream_s`, one GEMM of one active cell per layer) and computes its MACs no faster than dense
+does; `efficiency_bound` is the efficiency a step at that bound would have. In bfloat16 it
 also reports how far the outputs are from float32: sparse bf16 against sparse fp32 (itself equal to
 the masked-dense reference, see the tests), next to dense bf16 against dense fp32 as the yardstick.
 Writes Parquet and a PNG plot.
@@ -22,8 +25,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from sd_shapes import SD15_UNET
+from torch import nn
 
 from fisedit_ray.cache import ActivationCache, CacheRecorder
 from fisedit_ray.macs import count_macs
@@ -85,6 +90,8 @@ def main() -> None:
 
     _, dense_macs = count_macs(dense)
     dense_s = median_seconds(dense, args.repeats)
+    stream_s = weight_stream_seconds(sparse_unet, sample, args.repeats)
+    print(f"dense {dense_s:.3f}s; reading every weight once takes {stream_s:.3f}s")
     rows = []
     for ratio in args.ratios:
         pyramid = MaskPyramid.build(blob_mask(size, ratio, seed=0), cache.sizes)
@@ -96,6 +103,7 @@ def main() -> None:
 
         _, sparse_macs = count_macs(sparse)
         sparse_s = median_seconds(sparse, args.repeats)
+        bound_s = max(stream_s, dense_s * sparse_macs / dense_macs)
         row = {
             "latent": args.latent,
             "dtype": args.dtype,
@@ -107,6 +115,8 @@ def main() -> None:
             "macs_sparse": sparse_macs,
             "macs_reduction": dense_macs / sparse_macs,
             "efficiency": (dense_s / sparse_s) / (dense_macs / sparse_macs),
+            "weight_stream_s": stream_s,
+            "efficiency_bound": (dense_s / bound_s) / (dense_macs / sparse_macs),
             "cache_bytes_per_step": step_bytes,
             "threads": args.threads,
             "repeats": args.repeats,
@@ -120,7 +130,7 @@ def main() -> None:
         print(
             f"mask {row['mask_ratio']:6.1%}  dense {dense_s:7.3f}s  sparse {sparse_s:7.3f}s  "
             f"speed-up {row['speedup']:5.2f}x  MACs {row['macs_reduction']:5.2f}x  "
-            f"efficiency {row['efficiency']:.2f}"
+            f"efficiency {row['efficiency']:.2f} (bound {row['efficiency_bound']:.2f})"
             + (
                 f"  |err| vs fp32: sparse {row['sparse_max_abs_error_vs_fp32']:.3g}, "
                 f"dense {row['dense_max_abs_error_vs_fp32']:.3g}"
@@ -136,6 +146,26 @@ def main() -> None:
     stem = f"unet_step_{args.latent}_{args.dtype}"
     pq.write_table(pa.Table.from_pylist(rows), args.out / f"{stem}.parquet")
     plot(rows, args.out / f"{stem}.png")
+
+
+def weight_stream_seconds(sparse_unet: SparseUNet, sample: torch.Tensor, repeats: int) -> float:
+    """Median time of one GEMM per weight matrix (linears, 1x1 convs, k x k convs laid out by
+    `conv_matrix`, as the sparse pass reads them) over the rows of one cell in a guidance batch."""
+    matrices = []
+    for module in sparse_unet.unet.modules():
+        if isinstance(module, nn.Linear):
+            matrices.append(module.weight)
+        elif isinstance(module, nn.Conv2d):
+            pointwise = module.kernel_size == (1, 1)
+            matrices.append(module.weight if pointwise else sparse_unet.conv_matrix(module))
+    matrices = [w.reshape(w.shape[0], -1) for w in matrices]
+    rows = [torch.randn(sample.shape[0], w.shape[1]).to(w) for w in matrices]
+
+    def stream():
+        for x, w in zip(rows, matrices, strict=True):
+            F.linear(x, w)
+
+    return median_seconds(stream, repeats)
 
 
 def record(unet, sample, t, text) -> tuple[ActivationCache, SparseUNet]:

@@ -10,7 +10,7 @@ import secrets
 import uuid
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Header, HTTPException, Response
+from fastapi import FastAPI, Header, HTTPException, Request, Response
 from ray import serve
 from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
@@ -77,8 +77,11 @@ class Ingress:
         return result
 
     @staticmethod
-    def _view(session_id: str, version_id: str, record: VersionRecord) -> dict:
-        base = f"/v1/sessions/{session_id}/versions/{version_id}"
+    def _view(request: Request, session_id: str, version_id: str, record: VersionRecord) -> dict:
+        """A version as the API shows it; its URLs are paths on this host, under the app's route
+        prefix (Serve passes it as the ASGI root path)."""
+        prefix = request.scope.get("root_path", "").rstrip("/")
+        base = f"{prefix}/v1/sessions/{session_id}/versions/{version_id}"
         return {
             "version_id": version_id,
             "parent": record.parent,
@@ -94,7 +97,7 @@ class Ingress:
         return {"status": "ok", "sessions": len(self.sessions)}
 
     @api.post("/v1/sessions", status_code=201)
-    async def create_session(self, body: CreateSession) -> dict:
+    async def create_session(self, body: CreateSession, request: Request) -> dict:
         session_id, version_id = _new_id(), _new_id()
         root = {"id": version_id, **body.model_dump()}
         result = await self._run(session_id, [root])
@@ -103,12 +106,17 @@ class Ingress:
         session.versions[version_id] = record
         self.sessions[session_id] = session
         self.metrics.sessions.set(len(self.sessions))
-        view = self._view(session_id, version_id, record)
+        view = self._view(request, session_id, version_id, record)
         return {"session_id": session_id, "token": session.token, **view}
 
     @api.post("/v1/sessions/{session_id}/versions/{version_id}/edits", status_code=201)
     async def create_edit(
-        self, session_id: str, version_id: str, body: CreateEdit, authorization: str | None = Header(None)
+        self,
+        session_id: str,
+        version_id: str,
+        body: CreateEdit,
+        request: Request,
+        authorization: str | None = Header(None),
     ) -> dict:
         session = self._session(session_id, authorization)
         parent = self._version(session, session_id, version_id)
@@ -122,14 +130,16 @@ class Ingress:
             lineage, version_id, body.prompt, result["image_png"], result["mask_png"], result["stats"]
         )
         session.versions[new_id] = record
-        return self._view(session_id, new_id, record)
+        return self._view(request, session_id, new_id, record)
 
     @api.get("/v1/sessions/{session_id}")
-    async def version_tree(self, session_id: str, authorization: str | None = Header(None)) -> dict:
+    async def version_tree(
+        self, session_id: str, request: Request, authorization: str | None = Header(None)
+    ) -> dict:
         session = self._session(session_id, authorization)
         return {
             "session_id": session_id,
-            "versions": [self._view(session_id, vid, rec) for vid, rec in session.versions.items()],
+            "versions": [self._view(request, session_id, vid, rec) for vid, rec in session.versions.items()],
         }
 
     @api.get("/v1/sessions/{session_id}/versions/{version_id}/image")

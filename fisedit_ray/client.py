@@ -58,12 +58,15 @@ class RemoteSession:
         return _check(self.client.http.get(f"/v1/sessions/{self.id}", headers=self._auth)).json()["versions"]
 
     def image(self, version: dict) -> Image.Image:
-        data = _check(self.client.http.get(version["image_url"], headers=self._auth)).content
-        return Image.open(io.BytesIO(data))
+        return self._png(version["image_url"])
 
     def mask(self, version: dict) -> Image.Image:
-        data = _check(self.client.http.get(version["mask_url"], headers=self._auth)).content
-        return Image.open(io.BytesIO(data))
+        return self._png(version["mask_url"])
+
+    def _png(self, path: str) -> Image.Image:
+        """A PNG the API links to: its URLs are paths on the server's host, route prefix included."""
+        url = self.client.http.base_url.join(path)
+        return Image.open(io.BytesIO(_check(self.client.http.get(url, headers=self._auth)).content))
 
     def delete(self) -> None:
         _check(self.client.http.delete(f"/v1/sessions/{self.id}", headers=self._auth))

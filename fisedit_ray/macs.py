@@ -35,39 +35,36 @@ class AffineMacs:
 
     Exact, not a fit: every operation the counter sees scales with the active cells of its level (GEMM
     rows, attention queries) or is the same for every mask (timestep embedding, the text's keys and
-    values). So, per shape (`key`), `levels + 1` counted passes with independent cell counts fix the
-    coefficients; one more counted pass must match the prediction before the counter (a slow Python
-    dispatch mode) is skipped for that shape. A mismatch disables prediction for the shape."""
+    values). Per shape (`key`), a pass is predicted from the counted ones when its cell counts lie in
+    their affine span (masks of one ratio often share the level-0 count: the span is all that can be
+    known, and all that is needed) and the counted passes outnumber the span's dimension, so at least
+    one of them confirmed the affine form. Otherwise it is counted (a slow Python dispatch mode) and
+    added. A counted pass the affine form does not fit disables prediction for the shape."""
 
     def __init__(self) -> None:
         self.samples: dict[tuple, list[tuple[tuple[int, ...], int]]] = {}
-        self.coefficients: dict[tuple, torch.Tensor | None] = {}  # None: not affine, always count
-        self.verified: set[tuple] = set()
+        self.broken: set[tuple] = set()
+        self._fits: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] = {}  # design, rank, solution
 
     def predict(self, key: tuple, counts: tuple[int, ...]) -> int | None:
-        if key not in self.verified:
+        if key in self.broken or key not in self._fits:
             return None
-        return self._evaluate(key, counts)
+        design, rank, solution = self._fits[key]
+        row = torch.tensor([[1, *counts]], dtype=torch.float64)
+        if len(design) <= rank or torch.linalg.matrix_rank(torch.cat([design, row])) > rank:
+            return None
+        return round(float((row @ solution)[0]))
 
     def add(self, key: tuple, counts: tuple[int, ...], macs: int) -> None:
-        if self.coefficients.get(key, 0) is None:
-            return
-        if key in self.coefficients:  # solved: this sample verifies it
-            if self._evaluate(key, counts) == macs:
-                self.verified.add(key)
-            else:
-                self.coefficients[key] = None
+        if key in self.broken:
             return
         samples = self.samples.setdefault(key, [])
         samples.append((counts, macs))
         design = torch.tensor([[1, *c] for c, _ in samples], dtype=torch.float64)
-        if torch.linalg.matrix_rank(design) < design.shape[1]:
+        target = torch.tensor([[m] for _, m in samples], dtype=torch.float64)
+        solution = torch.linalg.lstsq(design, target, driver="gelsd").solution
+        if (design @ solution - target).abs().max() > 0.5:
+            self.broken.add(key)
+            self._fits.pop(key, None)
             return
-        target = torch.tensor([m for _, m in samples], dtype=torch.float64)
-        self.coefficients[key] = torch.linalg.lstsq(design, target[:, None]).solution[:, 0]
-
-    def _evaluate(self, key: tuple, counts: tuple[int, ...]) -> int:
-        coefficients = self.coefficients[key]
-        return round(
-            float(coefficients[0] + (coefficients[1:] * torch.tensor(counts, dtype=torch.float64)).sum())
-        )
+        self._fits[key] = (design, int(torch.linalg.matrix_rank(design)), solution)

@@ -90,12 +90,16 @@ SD_SCHEDULER_CONFIG: dict[str, Any] = dict(
 )
 
 
-def build_tokenizer(max_length: int = 77, words: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """A lower-casing, whitespace-splitting word-level tokenizer over `words` (default VOCABULARY)."""
+def build_tokenizer(
+    max_length: int = 77, words: list[str] | None = None, phrases: dict[str, str] | None = None
+) -> PreTrainedTokenizerFast:
+    """A lower-casing, whitespace-splitting word-level tokenizer over `words` (default VOCABULARY).
+    `phrases` maps multi-word names to the one token each stands for (e.g. "top left" -> "top_left")."""
     words = VOCABULARY if words is None else words
     vocab = {tok: i for i, tok in enumerate([PAD, UNK, BOS, EOS, *dict.fromkeys(words)])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.normalizer = normalizers.Lowercase()
+    joins = [normalizers.Replace(name, token) for name, token in (phrases or {}).items()]
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), *joins])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]

@@ -28,7 +28,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from transformers import CLIPTextModel
 
 from fisedit_ray.models import SD_SCHEDULER_CONFIG, assemble_pipeline, build_text_encoder, build_tokenizer
-from fisedit_ray.scenes import random_scene, render_batch, vocabulary
+from fisedit_ray.scenes import cell_tokens, random_scene, render_batch, vocabulary
 
 UNET_CONFIG = dict(
     sample_size=32,
@@ -148,9 +148,26 @@ def denoiser(cfg: TrainConfig, tokenizer) -> tuple[UNet2DConditionModel, CLIPTex
         return UNet2DConditionModel(**UNET_CONFIG), build_text_encoder(tokenizer, **TEXT_CONFIG)
     unet = UNet2DConditionModel.from_pretrained(cfg.init, subfolder="unet", torch_dtype=torch.float32)
     text_encoder = CLIPTextModel.from_pretrained(cfg.init, subfolder="text_encoder", dtype=torch.float32)
-    if text_encoder.config.vocab_size != len(tokenizer):
+    known = text_encoder.config.vocab_size
+    if known > len(tokenizer):
         raise ValueError(f"{cfg.init}: its text encoder does not match the scenes vocabulary")
+    if known < len(tokenizer):
+        extend_vocabulary(text_encoder, tokenizer, known)
     return unet, text_encoder
+
+
+def extend_vocabulary(text_encoder: CLIPTextModel, tokenizer, known: int) -> None:
+    """Grow a trained encoder to a vocabulary whose first `known` tokens it knows: a new token (such
+    as "top_left") starts as the mean embedding of the known words it joins."""
+    table = text_encoder.get_input_embeddings().weight.data
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    grown = text_encoder.get_input_embeddings().weight.data
+    for token_id in range(known, len(tokenizer)):
+        words = tokenizer.convert_ids_to_tokens(token_id).split("_")
+        ids = tokenizer.convert_tokens_to_ids(words)
+        if any(i >= known for i in ids):
+            raise ValueError(f"new token {words!r} is not made of known words")
+        grown[token_id] = table[ids].mean(dim=0)
 
 
 def train(cfg: TrainConfig, log=print) -> Path:
@@ -162,7 +179,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     log(f"training on {device} ({'float32' if autocast is None else 'bfloat16 autocast'})")
     torch.manual_seed(cfg.seed)
     vae = train_vae(cfg, out, log).requires_grad_(False)
-    tokenizer = build_tokenizer(MAX_TOKENS, vocabulary())
+    tokenizer = build_tokenizer(MAX_TOKENS, vocabulary(), cell_tokens())
     unet, text_encoder = (m.to(device) for m in denoiser(cfg, tokenizer))
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)

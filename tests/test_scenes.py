@@ -4,10 +4,13 @@ import numpy as np
 import pytest
 
 from fisedit_ray.detector import cells_correct, detect
+from fisedit_ray.models import build_tokenizer
 from fisedit_ray.scenes import (
+    CELLS,
     EDIT_KINDS,
     Scene,
     SceneObject,
+    cell_tokens,
     random_edit,
     random_scene,
     render_batch,
@@ -24,7 +27,16 @@ def test_caption_grammar_reads_cells_in_order():
         scene.caption == "a red circle at the top left and a blue square at the center on a gray background"
     )
     assert Scene().caption == "an empty scene"
-    assert set(" ".join(random_scene(s).caption for s in range(300)).split()) <= set(vocabulary())
+
+
+def test_tokenizer_reads_every_caption_with_one_token_per_cell():
+    tokenizer = build_tokenizer(32, vocabulary(), cell_tokens())
+    ids = tokenizer([random_scene(s).caption for s in range(300)]).input_ids
+    assert tokenizer.unk_token_id not in {i for row in ids for i in row}
+    words = tokenizer.convert_ids_to_tokens(tokenizer("a red circle at the bottom left").input_ids)
+    assert words[-2:] == ["bottom_left", tokenizer.eos_token]
+    cells = [tokenizer(f"at the {name}").input_ids for name in CELLS]
+    assert {len(ids) for ids in cells} == {5} and len({ids[3] for ids in cells}) == 9
 
 
 def test_scenes_are_deterministic_and_varied():

@@ -322,7 +322,13 @@ def test_an_editor_over_its_byte_budget_fetches_what_it_evicted(service, engine,
         second = service.post(url, json={"prompt": "a cat", "mask_png": mask_png(mask)}, headers=auth).json()
         assert second["stats"]["fetched"] == [body["version_id"]]  # evicted by the first edit
         expected = engine.edit(engine.generate(PROMPT, seed=5, num_inference_steps=3), "a cat", mask=mask)
-        got = png_array(service.get("/small" + second["image_url"], headers=auth).content)
+        assert second["image_url"].startswith("/small/v1/")  # links carry the app's route prefix
+        got = png_array(service.get(second["image_url"], headers=auth).content)
         assert np.array_equal(got, np.asarray(expected.image))
+        from fisedit_ray.client import Client
+
+        remote = Client(f"{str(service.base_url).rstrip('/')}/small").create_session(PROMPT, seed=5, steps=3)
+        root = service.get(body["image_url"], headers=auth).content
+        assert np.array_equal(np.asarray(remote.image(remote.root)), png_array(root))
     finally:
         serve.delete("small")

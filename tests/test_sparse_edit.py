@@ -229,21 +229,28 @@ def test_a_batch_refuses_mixed_step_counts(engine):
 
 
 def test_predicted_macs_equal_counted_macs(sd1_pipe):
-    """After a few counted edits of a shape the engine predicts each edit's MACs instead of counting."""
+    """After a few counted edits of a shape the engine predicts each edit's MACs instead of counting,
+    also when every mask has the same ratio (the same level-0 cell count)."""
     from fisedit_ray.macs import AffineMacs
 
     engine = EditEngine.from_pipeline(sd1_pipe)
     parent = engine.generate("a red circle", seed=1, num_inference_steps=2, output_type="latent")
-    for seed in range(12):
-        mask = blob_mask((16, 16), 0.05 + 0.05 * seed, seed=seed)
+    masks = [blob_mask((16, 16), 0.1, seed=seed) for seed in range(8)]
+    masks += [blob_mask((16, 16), 0.05 + 0.05 * seed, seed=seed) for seed in range(8)]
+    for k, mask in enumerate(masks):
         edit = engine.edit(parent, "a blue square", mask=mask, output_type="latent")
         counting = EditEngine.from_pipeline(sd1_pipe)  # a fresh engine counts
         counted = counting.edit(parent, "a blue square", mask=mask, output_type="latent")
-        assert edit.stats["macs_executed"] == counted.stats["macs_executed"], seed
-    assert engine._sparse_macs.verified  # it did switch to predicting
+        assert edit.stats["macs_executed"] == counted.stats["macs_executed"], k
+    (samples,) = engine._sparse_macs.samples.values()
+    assert len(samples) < len(masks) - 4  # it did switch to predicting
     model = AffineMacs()
-    model.add("k", (1, 1), 10)
-    model.add("k", (2, 1), 12)
-    model.add("k", (1, 3), 20)  # solved: 3 + 2 n0 + 5 n1; the next sample checks it
-    model.add("k", (4, 4), 7)  # does not fit: never predicted
-    assert model.predict("k", (2, 2)) is None and model.coefficients["k"] is None
+    model.add("k", (5, 1), 10)
+    model.add("k", (5, 2), 15)
+    assert model.predict("k", (5, 3)) is None  # nothing has confirmed the form yet
+    model.add("k", (5, 4), 25)  # n0 never changed: only n1's coefficient (5) is known ...
+    assert model.predict("k", (5, 7)) == 40
+    assert model.predict("k", (6, 7)) is None  # ... so a new level-0 count is counted
+    model.add("k", (6, 1), 7)
+    model.add("k", (6, 2), 9)  # does not fit: never predicted again
+    assert model.predict("k", (5, 3)) is None and "k" in model.broken
