@@ -5,10 +5,11 @@ a local Ray Serve app.
 Systems, each started fresh on the same machine:
   dense     every edit is a dense regeneration behind the same API (what a plain Ray Serve Stable
             Diffusion deployment does)
-  sparse    sparse edits, requests routed to any replica (no session affinity): a replica that lacks
-            the parent version fetches it from the object store first
-  full      sparse edits with session affinity (consistent hashing on the session id)
-Edits per second (over the edit phase) and p50/p99 edit latency. Parquet plus a plot.
+  sparse    sparse edits one at a time (no batching), requests routed to any replica (no session
+            affinity): a replica that lacks the parent version fetches it from the object store first
+  full      sparse edits, batched, with session affinity (`SessionRouter`: sticky, balanced)
+Every user generates, then (once all have) edits: edits per second over the edit phase, which
+holds edits only, and p50/p99 edit latency. Parquet plus a plot.
 
     python benchmarks/serving.py --users 4 --rounds 4
 """
@@ -22,7 +23,9 @@ import shutil
 import socket
 import statistics
 import tempfile
+import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,10 +40,10 @@ from ray import serve
 from fisedit_ray.deployments.app import build_app
 from fisedit_ray.masks import blob_mask, mask_image
 
-SYSTEMS = {  # a plain deployment keeps no caches: the dense baseline stores none
-    "dense": dict(mode="dense", affinity=True, store_caches=False),
-    "sparse": dict(mode="sparse", affinity=False, store_caches=True),
-    "full": dict(mode="sparse", affinity=True, store_caches=True),
+SYSTEMS = {  # the dense baseline is a plain deployment: it records and stores no caches
+    "dense": dict(mode="dense", affinity=True, keep_caches=False, batch=1),
+    "sparse": dict(mode="sparse", affinity=False, keep_caches=True, batch=1),
+    "full": dict(mode="sparse", affinity=True, keep_caches=True, batch=8),
 }
 PROMPT = "a red circle at the top left"
 EDITS = ["a blue square at the center", "a green triangle at the center", "a yellow circle at the center"]
@@ -59,13 +62,23 @@ def mask_b64(latent: int, ratio: float, seed: int) -> str:
 
 
 def user(
-    base_url: str, uid: int, rounds: int, steps: int, mode: str, latent: int, ratio: float
+    base_url: str,
+    uid: int,
+    rounds: int,
+    steps: int,
+    mode: str,
+    latent: int,
+    ratio: float,
+    generated: threading.Barrier | None = None,
 ) -> list[dict]:
+    """Generate, wait until every user has (`generated`), edit `rounds` times, delete the session."""
     rows = []
     with httpx.Client(base_url=base_url, timeout=600) as http:
         r = http.post("/v1/sessions", json={"prompt": PROMPT, "seed": uid, "steps": steps})
         r.raise_for_status()
         body = r.json()
+        if generated is not None:  # the edit phase holds edits only
+            generated.wait()
         auth = {"Authorization": f"Bearer {body['token']}"}
         version = body["version_id"]
         for k in range(rounds):
@@ -87,9 +100,12 @@ def user(
                     "rebuilt": len(edit["stats"]["rebuilt"]),
                     "fetched": len(edit["stats"]["fetched"]),
                     "replica": edit["stats"]["replica"],
+                    "engine_s": edit["stats"]["seconds"]["total"],  # a batch's: shared by its edits
+                    "batch_size": edit["stats"].get("batch_size", 1),
                 }
             )
             version = edit["version_id"]
+        http.delete(f"/v1/sessions/{body['session_id']}", headers=auth).raise_for_status()
     return rows
 
 
@@ -105,14 +121,27 @@ def run_system(name: str, args) -> dict:
             "editor_replicas": args.replicas,
             "editor_cpus": args.cpus / args.replicas,
             "affinity": system["affinity"],
-            "store_caches": system["store_caches"],
+            "store_caches": system["keep_caches"],
+            "keep_caches": system["keep_caches"],
+            "editor_max_batch": system["batch"],
         }
         serve.run(build_app(app_args), name="fisedit", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
-        user(base, 10_000, 2, args.steps, system["mode"], args.latent, args.ratio)  # warm-up
+        # warm-up: a session per replica (placement is balanced), enough edits for each engine to
+        # learn its edits' MACs (`macs.AffineMacs`) instead of counting them at step 0
+        with ThreadPoolExecutor(args.replicas) as pool:
+            warm = [
+                pool.submit(user, base, 10_000 + u, 8, args.steps, system["mode"], args.latent, args.ratio)
+                for u in range(args.replicas)
+            ]
+            for f in warm:
+                f.result()
+        generated = threading.Barrier(args.users)
         with ThreadPoolExecutor(args.users) as pool:
             futures = [
-                pool.submit(user, base, u, args.rounds, args.steps, system["mode"], args.latent, args.ratio)
+                pool.submit(
+                    user, base, u, args.rounds, args.steps, system["mode"], args.latent, args.ratio, generated
+                )
                 for u in range(args.users)
             ]
             rows = [row for f in futures for row in f.result()]
@@ -134,6 +163,9 @@ def run_system(name: str, args) -> dict:
         "p99_s": float(np.percentile(latencies, 99)),
         "rebuilds_per_edit": statistics.mean(r["rebuilt"] for r in rows),
         "fetches_per_edit": statistics.mean(r["fetched"] for r in rows),
+        "engine_s_per_edit": statistics.mean(r["engine_s"] / r["batch_size"] for r in rows),
+        "mean_batch_size": statistics.mean(r["batch_size"] for r in rows),
+        "busiest_replica_share": max(Counter(r["replica"] for r in rows).values()) / len(rows),
     }
 
 
@@ -160,7 +192,8 @@ def main() -> None:
         print(
             f"{name:7s} {r['edits_per_s']:6.2f} edits/s  p50 {r['p50_s']:6.2f}s  p99 {r['p99_s']:6.2f}s  "
             f"mask {r['mask_ratio']:.1%}  fetches/edit {r['fetches_per_edit']:.2f}  "
-            f"rebuilds/edit {r['rebuilds_per_edit']:.2f}",
+            f"rebuilds/edit {r['rebuilds_per_edit']:.2f}  busiest replica {r['busiest_replica_share']:.0%}  "
+            f"engine s/edit {r['engine_s_per_edit']:.2f}  batch {r['mean_batch_size']:.1f}",
             flush=True,
         )
     base = next((r["edits_per_s"] for r in rows if r["system"] == "dense"), None)

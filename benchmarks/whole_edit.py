@@ -1,7 +1,7 @@
 """A whole edit against a whole regeneration, end to end: text encoding, every denoising step and
-the decode, through `EditEngine` (the "dense" edit mode is the regeneration: the same steps, seed and
-settings, the new prompt, no cache reuse). Timed in the same run: a warm-up, then the median of
---repeats; per-phase medians from the engine's own phase timer.
+the decode, through `EditEngine` (the "dense" edit mode with `record=False` is the regeneration: the
+same steps, seed and settings, the new prompt, no cache recorded or reused). Timed in the same
+run: a warm-up, then the median of --repeats; per-phase medians from the engine's own phase timer.
 
 Edits with a user mask run sparse at every step. (Automatic masks add their dense steps before the
 mask; they arrive with Target Area Capture.)
@@ -56,7 +56,8 @@ def main() -> None:
         parent = engine.generate(PROMPT, seed=2, num_inference_steps=steps)
         latent = parent.latents.shape[-2:]
         everywhere = torch.ones(*latent, dtype=torch.bool)
-        regenerate = partial(engine.edit, parent, EDIT, mask=everywhere, mode="dense")
+        # a plain regeneration: dense, recording no cache (what a service without fisedit-ray runs)
+        regenerate = partial(engine.edit, parent, EDIT, mask=everywhere, mode="dense", record=False)
         dense_s, dense_phases, dense = timed(regenerate, args.repeats)
         for ratio in args.ratios:
             mask = blob_mask(tuple(latent), ratio, seed=0)

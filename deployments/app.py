@@ -11,7 +11,7 @@ from fisedit_ray.deployments.cache_owner import CacheOwner
 from fisedit_ray.deployments.editor import Editor
 from fisedit_ray.deployments.ingress import Ingress
 
-CONSISTENT_HASH = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
+SESSION_ROUTER = "fisedit_ray.deployments.routing:SessionRouter"
 
 
 def build_app(args: dict | None = None) -> Application:
@@ -22,11 +22,13 @@ def build_app(args: dict | None = None) -> Application:
     ingress (default 32 / 64; a full queue answers 503 with Retry-After), `affinity` (default true;
     false routes each call to any replica, which then fetches what it lacks), `store_caches`
     (default true: every version goes to the object store; false: a miss always rebuilds, as for a
-    plain deployment that keeps no caches)."""
+    plain deployment that keeps no caches), `editor_max_batch` (most sparse edits run as one batch,
+    default 8; 1 turns batching off), `keep_caches` (default true; false: a plain deployment that
+    records no activation caches and serves dense edits only, the serving benchmark's baseline)."""
     args = dict(args or {})
     cpus = float(args.get("editor_cpus", 1))
     affinity = _flag(args.get("affinity", True))
-    router = RequestRouterConfig(request_router_class=CONSISTENT_HASH) if affinity else RequestRouterConfig()
+    router = RequestRouterConfig(request_router_class=SESSION_ROUTER) if affinity else RequestRouterConfig()
     editor = serve.deployment(
         Editor,
         num_replicas=int(args.get("editor_replicas", 1)),
@@ -34,7 +36,7 @@ def build_app(args: dict | None = None) -> Application:
             "num_cpus": cpus,
             "num_gpus": float(args.get("editor_gpus", 0)),
         },
-        max_ongoing_requests=8,  # also the most edits one sparse batch can gather
+        max_ongoing_requests=8,  # also bounds the edits one sparse batch can gather
         request_router_config=router,
         health_check_period_s=10,
     ).bind(
@@ -43,6 +45,8 @@ def build_app(args: dict | None = None) -> Application:
         threads=max(1, int(cpus)),
         hot_bytes=float(args.get("editor_hot_gib", 4)) * 2**30,
         owner=CacheOwner.bind() if _flag(args.get("store_caches", True)) else None,
+        max_batch_size=int(args.get("editor_max_batch", 8)),
+        keep_caches=_flag(args.get("keep_caches", True)),
     )
     return Ingress.options(
         ray_actor_options={"num_cpus": float(args.get("ingress_cpus", 0))},

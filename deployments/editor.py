@@ -39,8 +39,12 @@ class Editor:
         threads: int = 1,
         hot_bytes: float = 4 * 2**30,
         owner: DeploymentHandle | None = None,
+        max_batch_size: int = 8,
+        keep_caches: bool = True,
     ):
         self.owner = owner
+        self.keep_caches = keep_caches  # False: a plain deployment, which serves dense edits only
+        self._sparse_batch.set_max_batch_size(max_batch_size)  # 1: every edit runs alone
         torch.set_num_threads(threads)  # explicit: results depend on it in their last bits
         self.engine = EditEngine.from_pretrained(model, cache_dtype=cache_dtype)
         self.hot_bytes = hot_bytes  # a budget for the versions' own caches (a generation's is big)
@@ -56,6 +60,8 @@ class Editor:
         kept then)."""
         try:
             record = lineage[-1]
+            if not self.keep_caches and record.get("mode", "dense") != "dense":
+                raise ValueError("this deployment keeps no activation caches: it serves dense edits only")
             parent = self._hot(session_id, lineage[-2]["id"]) if len(lineage) > 1 else None
             if parent is not None and record["mode"] == "sparse":
                 mask = self._latent_mask(parent, record)  # refused here, alone, not in a batch
@@ -156,10 +162,13 @@ class Editor:
                 guidance_scale=record["guidance"],
                 height=record["size"],
                 width=record["size"],
+                record=self.keep_caches,
             )
         else:
             mask = self._mask_image(record)
-            version = self.engine.edit(parent, record["prompt"], mask=mask, mode=record["mode"])
+            version = self.engine.edit(
+                parent, record["prompt"], mask=mask, mode=record["mode"], record=self.keep_caches
+            )
         version.id = record["id"]
         return version
 

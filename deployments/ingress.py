@@ -2,8 +2,8 @@
 
 Every session call needs the session's token (`Authorization: Bearer <token>`); an unknown session
 or another session's token gets 404, so ids cannot be probed. A session's calls reach its editor
-replica through consistent hashing on the session id; if that replica is gone, another one rebuilds
-the version from the lineage the ingress sends with every call.
+replica by the session id (`routing.SessionRouter`: sticky, balanced); if that replica is gone,
+another one fetches or rebuilds the version from the lineage the ingress sends with every call.
 """
 
 import secrets

@@ -167,6 +167,10 @@ def train(
     vae_steps: Annotated[int, typer.Option(help="Autoencoder training steps.")] = 800,
     batch_size: int = 32,
     lr: float = 1e-3,
+    object_weights: Annotated[
+        tuple[float, float, float, float],
+        typer.Option(help="Relative frequency of scenes with 0, 1, 2 and 3 objects."),
+    ] = (1.0, 1.0, 1.0, 1.0),
     init: Annotated[
         Path | None, typer.Option(help="A model folder to fine-tune instead of starting from scratch.")
     ] = None,
@@ -184,16 +188,13 @@ def train(
         vae_steps=vae_steps,
         batch_size=batch_size,
         lr=lr,
+        object_weights=object_weights,
         init=str(init) if init else None,
         seed=seed,
         device=device,
         precision=precision,
     )
     run_training(config, log=lambda line: typer.echo(line))
-
-
-if __name__ == "__main__":
-    app()
 
 
 @app.command()
@@ -218,3 +219,7 @@ def serve(
         editor_cpus=editor_cpus,
         cache_dtype=cache_dtype,
     )
+
+
+if __name__ == "__main__":
+    app()

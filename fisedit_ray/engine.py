@@ -100,6 +100,7 @@ class _SparseJob:
     record: dict | None = None
     macs: int | None = 0
     output: torch.Tensor | None = None
+    text_kv: dict = field(default_factory=dict)  # the lane's cross-attention keys/values, all steps
 
     def cell_counts(self) -> tuple[int, ...]:
         return tuple(len(cells) for cells in self.plans.pyramid.cells)
@@ -115,7 +116,7 @@ class _SparseJob:
         self.record = {}
         reader = self.parent.cache.reader(i, engine.device, engine.dtype)
         x = engine._model_input(self.run, t)
-        self.lane = Lane(x, t, self.run.embeds, reader, self.plans, self.record, self.cache)
+        self.lane = Lane(x, t, self.run.embeds, reader, self.plans, self.record, self.cache, self.text_kv)
 
     def finish(self, engine: EditEngine, i: int, active: torch.Tensor) -> None:
         """Step `i`'s scheduler step: new noise inside the mask, the parent's outside."""
@@ -207,7 +208,10 @@ class EditEngine:
         width: int | None = None,
         negative_prompt: str | None = None,
         output_type: str = "pil",
+        record: bool = True,
     ) -> Version:
+        """A new image; `record=False` keeps no activation cache (a plain generation, which can be
+        edited only in "dense" mode)."""
         _check_output_type(output_type)
         settings = self._settings(seed, num_inference_steps, guidance_scale, height, width, negative_prompt)
         phases = _Phases()
@@ -215,7 +219,7 @@ class EditEngine:
             embeds = self._encode(prompt, settings)
         with phases("dense_steps"):
             cache = self._new_cache(settings)
-            macs = self._run_dense([_spec(embeds, None)], settings, cache)
+            macs = self._run_dense([_spec(embeds, None)], settings, cache, record)
         with phases("decode"):
             image = self._decode(cache.latents[-1], output_type)
         stats = _stats("generate", macs, phases, cache)
@@ -231,10 +235,16 @@ class EditEngine:
         mask: MaskLike,
         mode: Mode = "sparse",
         output_type: str = "pil",
+        record: bool = True,
     ) -> Version:
-        """Edit `parent` with a new prompt inside `mask` (see `to_latent_mask` for what it accepts)."""
+        """Edit `parent` with a new prompt inside `mask` (see `to_latent_mask` for what it accepts).
+        `record=False` (dense mode only) keeps no activation cache: a plain regeneration."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not record and mode != "dense":
+            raise ValueError(f"only dense edits can skip recording, not {mode!r} ones")
+        if mode != "dense":
+            _check_cached(parent)
         _check_output_type(output_type)
         settings = parent.settings
         phases = _Phases()
@@ -245,7 +255,7 @@ class EditEngine:
         if mode == "dense":
             with phases("dense_steps"):
                 cache = self._new_cache(settings)
-                macs = self._run_dense([_spec(embeds, None)], settings, cache)
+                macs = self._run_dense([_spec(embeds, None)], settings, cache, record)
         elif mode == "reference":
             with phases("reference_steps"):
                 chain = _dense_lineage(parent)
@@ -271,6 +281,8 @@ class EditEngine:
         GEMMs. The parents must share their number of steps and whether guidance is on. Seconds in
         the stats are the batch's; `batch_size` says how many ran together."""
         _check_output_type(output_type)
+        for parent, _, _ in requests:
+            _check_cached(parent)
         phases = _Phases()
         with phases("mask"):
             masks = [self._mask_pyramid(parent, mask) for parent, _, mask in requests]
@@ -378,13 +390,17 @@ class EditEngine:
     def _new_cache(self, settings: Settings) -> ActivationCache:
         return ActivationCache(self.cache_dtype, self.sparse_unet.level_sizes(self.latent_size(settings)))
 
-    def _run_dense(self, specs: list[dict], settings: Settings, cache: ActivationCache) -> dict:
+    def _run_dense(
+        self, specs: list[dict], settings: Settings, cache: ActivationCache, record: bool = True
+    ) -> dict:
         """Run versions in lockstep: the first densely, each next one overwritten outside its mask by
-        the one before (the masked-dense reference). Records the last one into `cache`."""
+        the one before (the masked-dense reference). Records the last one into `cache` (its
+        trajectory only, without `record`)."""
         unet = self.pipe.unet
         runs = [self._start(spec, settings) for spec in specs]
         hooks = LockstepHooks(unet, cache.sizes) if len(runs) > 1 else None
-        recorder = CacheRecorder(unet, cache)  # after the lockstep hooks: it must see mixed values
+        # after the lockstep hooks: the recorder must see mixed values
+        recorder = CacheRecorder(unet, cache) if record else None
         per_run_macs = []
         try:
             for i, t in enumerate(runs[0].scheduler.timesteps):
@@ -395,7 +411,8 @@ class EditEngine:
                         hooks.begin(replay, run.pyramid)
                     if last:
                         cache.latents.append(run.latents)
-                        recorder.begin_step()
+                        if recorder is not None:
+                            recorder.begin_step()
                     x = self._model_input(run, t)
                     forward = partial(unet, x, t, encoder_hidden_states=run.embeds, return_dict=False)
                     shapes = (tuple(x.shape), tuple(run.embeds.shape))
@@ -409,7 +426,8 @@ class EditEngine:
                         replay = hooks.recorded
                     noise = self._guide(noise, settings)
                     if last:
-                        recorder.end_step()
+                        if recorder is not None:
+                            recorder.end_step()
                         cache.noise_preds.append(noise)
                     stepped = run.scheduler.step(noise, t, run.latents, **run.step_kwargs).prev_sample
                     if j > 0:  # outside the mask the scheduler keeps the parent's latents
@@ -418,7 +436,8 @@ class EditEngine:
                     run.latents = stepped
             cache.latents.append(runs[-1].latents)
         finally:
-            recorder.remove()
+            if recorder is not None:
+                recorder.remove()
             if hooks is not None:
                 hooks.remove()
         steps = len(runs[0].scheduler.timesteps)  # PNDM evaluates the U-Net once more than asked
@@ -481,6 +500,13 @@ class EditEngine:
         vae = self.pipe.vae
         image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+
+def _check_cached(parent: Version) -> None:
+    if not parent.cache.steps:
+        raise ValueError(
+            f"version {parent.id} keeps no activation cache (made with record=False): edit it in dense mode"
+        )
 
 
 def _check_output_type(output_type: str) -> None:

@@ -14,7 +14,7 @@ What an edit must store for its own children (its delta) is recorded on the way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,14 @@ from fisedit_ray.cache import STATS, ActivationCache, CacheReader
 from fisedit_ray.kernels.attention import active_query_attention
 from fisedit_ray.kernels.conv import conv_matrix, sparse_conv2d
 from fisedit_ray.kernels.gather import conv_input_positions, gather_plan
-from fisedit_ray.kernels.group_norm import cell_sums, group_norm_act, group_stats, group_sums, sum_cells
+from fisedit_ray.kernels.group_norm import (
+    cell_sums,
+    group_stats,
+    group_sums,
+    norm_scale_shift,
+    segment_norm_act,
+    segment_sums,
+)
 from fisedit_ray.masks import MaskPyramid
 from fisedit_ray.unet_layout import NORM_CELL_SUMS, level_sizes, tokens, validate_unet
 
@@ -76,6 +83,15 @@ class SparseUNet:
         self.unet = unet
         self.names = {m: n for n, m in unet.named_modules()}
         self._matrices: dict[nn.Conv2d, tuple[tuple, torch.Tensor]] = {}
+        self._pass_indices: tuple[tuple[GatherPlans, ...], dict] = ((), {})
+
+    def pass_indices(self, plans: tuple[GatherPlans, ...]) -> dict:
+        """Conv gather indices of a pass over these lanes' plans, kept while the same edits run
+        together (every step of one `edit_batch`)."""
+        held, indices = self._pass_indices
+        if len(held) != len(plans) or any(a is not b for a, b in zip(held, plans, strict=False)):
+            self._pass_indices = (plans, indices := {})
+        return indices
 
     def conv_matrix(self, conv: nn.Conv2d) -> torch.Tensor:
         """`conv`'s weight as a GEMM matrix, laid out once per weight tensor (again if it changes)."""
@@ -128,6 +144,7 @@ class Lane:
     plans: GatherPlans
     record: dict[str, torch.Tensor] | None = None
     store: ActivationCache | None = None
+    text_kv: dict = field(default_factory=dict)  # cross-attention keys/values of `text`, by module
 
 
 class _Run:
@@ -138,20 +155,38 @@ class _Run:
     def __init__(self, sparse: SparseUNet, lanes: list[Lane]):
         self.sparse, self.unet, self.names = sparse, sparse.unet, sparse.names
         self.lanes = lanes
+        self.device = lanes[0].sample.device
+        self._segments: dict[int, torch.Tensor] = {}
+        self._map_cells: dict[int, torch.Tensor] = {}
         if len({lane.sample.shape[0] for lane in lanes}) != 1:
             raise ValueError("lanes of one pass must share the batch size (guidance on or off)")
         unet = self.unet
-        self.temb = []
+        temb = []
         for lane in lanes:
             t_emb = unet.get_time_embed(sample=lane.sample, timestep=lane.timestep)
             emb = unet.time_embedding(t_emb, None)
-            self.temb.append(unet.time_embed_act(emb) if unet.time_embed_act is not None else emb)
+            temb.append(unet.time_embed_act(emb) if unet.time_embed_act is not None else emb)
+        self.temb_act = F.silu(torch.cat(temb))  # [lanes * B, D]: what every resnet projects
 
     def counts(self, level: int) -> list[int]:
         return [len(lane.plans.pyramid.cells[level]) for lane in self.lanes]
 
     def split(self, values: torch.Tensor, level: int) -> tuple[torch.Tensor, ...]:
         return values.split(self.counts(level), dim=1)
+
+    def map_cells(self, level: int) -> torch.Tensor:
+        """`[lanes, 1]` float64: the number of cells of each lane's whole map at `level`."""
+        if level not in self._map_cells:
+            cells = [lane.plans.pyramid.masks[level].numel() for lane in self.lanes]
+            self._map_cells[level] = torch.tensor(cells, dtype=torch.float64, device=self.device)[:, None]
+        return self._map_cells[level]
+
+    def segment(self, level: int) -> torch.Tensor:
+        """The lane of each active cell of `level`, as the values are concatenated."""
+        if level not in self._segments:
+            counts = torch.tensor(self.counts(level))
+            self._segments[level] = torch.repeat_interleave(counts).to(self.device)
+        return self._segments[level]
 
     # ---- top level ----------------------------------------------------------------------------
     def forward(self) -> list[torch.Tensor]:
@@ -204,63 +239,63 @@ class _Run:
         if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and not upsampled:
             w = conv.weight.reshape(conv.out_channels, conv.in_channels)
             return Active(F.linear(x.values, w, conv.bias), out_level)
-        active_counts = self.counts(x.level)
-        total_active = sum(active_counts)
-        halos, indices, active_base, halo_base = [], [], 0, 0
-        for j, lane in enumerate(self.lanes):
-            index, halo_cells = lane.plans.conv(conv, x.level, out_level, upsampled)
-            n = active_counts[j]
-            if len(halo_cells):
-                halos.append(halo_of(j, halo_cells).to(x.values.dtype))
-            m = len(halo_cells)
-            if len(self.lanes) > 1:  # local rows [active_j, halo_j, zero] -> rows of the whole pass
-                index = torch.where(
-                    index < n,
-                    index + active_base,
-                    torch.where(index < n + m, index - n + total_active + halo_base, -1),
-                )
-            indices.append(index)
-            active_base, halo_base = active_base + n, halo_base + m
-        halo = torch.cat(halos, dim=1) if halos else x.values[:, :0]
-        index = torch.cat(indices)
-        if len(self.lanes) > 1:
-            index = torch.where(index < 0, total_active + halo_base, index)  # the shared zero row
+        plans = [lane.plans.conv(conv, x.level, out_level, upsampled) for lane in self.lanes]
+        halos = [halo_of(j, cells).to(x.values.dtype) for j, (_, cells) in enumerate(plans) if len(cells)]
+        halo = _cat(halos) if halos else x.values[:, :0]
+        if len(self.lanes) == 1:
+            index = plans[0][0]
+        else:
+            indices = self.sparse.pass_indices(tuple(lane.plans for lane in self.lanes))
+            key = (conv, x.level, out_level, upsampled)
+            if key not in indices:
+                indices[key] = _pass_index(plans, self.counts(x.level))
+            index = indices[key]
         out = sparse_conv2d(x.values, halo, index, self.sparse.conv_matrix(conv), conv.bias)
         return Active(out, out_level)
 
     def norm_act(self, norm: nn.GroupNorm, key: str, x: Active, silu: bool):
         """Group norm (+ SiLU) of each lane's mixed map at its active cells, and the halo function
         for the conv that reads it: the parent's own normalised values. Where no conv reads the
-        output the cache may hold per-cell sums of the norm's input (`NORM_CELL_SUMS`)."""
-        groups = norm.num_groups
-        outputs = []
-        for lane, values in zip(self.lanes, self.split(x.values, x.level), strict=True):
-            parent, pyramid = lane.parent, lane.plans.pyramid
-            cells = pyramid.cells[x.level]
-            count = pyramid.masks[x.level].numel() * values.shape[-1] // groups
-            sums_only = parent.cache.kinds[key] == NORM_CELL_SUMS
-            parent_sums = parent.stats(key)
+        output the cache may hold per-cell sums of the norm's input (`NORM_CELL_SUMS`).
+
+        All lanes at once: each lane's sums are a segment of the per-cell sums, so the op count does
+        not grow with the lanes, except for reading and recording each lane's own cache."""
+        groups, channels, level = norm.num_groups, x.values.shape[-1], x.level
+        lanes, segment = self.lanes, self.segment(level)
+        kinds = {lane.parent.cache.kinds[key] for lane in lanes}
+        if len(kinds) > 1:
+            raise ValueError(f"lanes of one pass store {key!r} differently: {sorted(kinds)}")
+        sums_only = kinds.pop() == NORM_CELL_SUMS
+        parent_sums = torch.stack([lane.parent.stats(key) for lane in lanes], dim=2)  # [2, B, L, G]
+        parent_rows = _cat([lane.parent.gather(key, lane.plans.pyramid.cells[level]) for lane in lanes])
+        if sums_only:  # the parent keeps per-cell sums in float32; so will this edit
+            new_cells = cell_sums(x.values, groups)
+            removed = segment_sums(parent_rows, segment, len(lanes))
+        else:
+            new_cells = cell_sums(x.values, groups, torch.float64)
+            removed = segment_sums(cell_sums(parent_rows, groups, torch.float64), segment, len(lanes))
+        sums = parent_sums - removed + segment_sums(new_cells, segment, len(lanes))
+        mean, rstd = group_stats(sums, self.map_cells(level) * (channels // groups), norm.eps)
+        scale, shift = norm_scale_shift(mean, rstd, norm.weight, norm.bias, channels, x.values.dtype)
+        out = segment_norm_act(x.values, segment, scale, shift, silu)
+        for j, (lane, values, lane_cells) in enumerate(
+            zip(lanes, self.split(x.values, level), self.split(new_cells, level), strict=True)
+        ):
+            if lane.record is None:
+                continue
+            lane_sums = sums[:, :, j].contiguous()
             if sums_only:
-                removed = sum_cells(parent.gather(key, cells))
-                new_cells = cell_sums(values, groups)
-                sums = parent_sums - removed + sum_cells(new_cells)
+                lane.record[key] = lane_cells
             else:
-                removed = group_sums(parent.gather(key, cells), groups)
-                sums = parent_sums - removed + group_sums(values, groups)
-            mean, rstd = group_stats(sums, count, norm.eps)
-            outputs.append(group_norm_act(values, mean, rstd, norm.weight, norm.bias, silu))
-            if lane.record is not None:
-                if sums_only:
-                    lane.record[key] = new_cells
-                else:  # statistics of what is stored, not of what was computed
-                    stored = lane.store.put(lane.record, key, values)
-                    sums = parent_sums - removed + group_sums(stored, groups)
-                lane.record[key + STATS] = sums
+                stored = lane.store.put(lane.record, key, values)
+                if lane.store.storage_dtype != values.dtype:  # statistics of what is stored
+                    lane_sums = parent_sums[:, :, j] - removed[:, :, j] + group_sums(stored, groups)
+            lane.record[key + STATS] = lane_sums
 
         def halo(j: int, halo_cells: torch.Tensor) -> torch.Tensor:
             return self.lanes[j].parent.gather_normalized(key, halo_cells, norm, silu)
 
-        return torch.cat(outputs, dim=1), halo
+        return out, halo
 
     # ---- blocks -------------------------------------------------------------------------------
     def resnet(self, resnet, x: Active) -> Active:
@@ -268,10 +303,10 @@ class _Run:
         y, halo = self.norm_act(resnet.norm1, f"{name}.norm1", x, silu=True)
         h = self.conv(resnet.conv1, Active(y, x.level), halo)
         if resnet.time_emb_proj is not None:
-            per_lane = [resnet.time_emb_proj(F.silu(t))[:, None, :] for t in self.temb]
-            counts = self.counts(h.level)
-            temb = torch.cat([t.expand(-1, n, -1) for t, n in zip(per_lane, counts, strict=True)], dim=1)
-            h = Active(h.values + temb, h.level)
+            temb = resnet.time_emb_proj(self.temb_act)
+            temb = temb.view(len(self.lanes), -1, temb.shape[-1]).transpose(0, 1)  # [B, lanes, C]
+            rows = temb if len(self.lanes) == 1 else temb[:, self.segment(h.level)]  # [B, 1 or N, C]
+            h = Active(h.values + rows, h.level)
         y, halo = self.norm_act(resnet.norm2, f"{name}.norm2", h, silu=True)
         h = self.conv(resnet.conv2, Active(y, h.level), halo)
         shortcut = x
@@ -312,10 +347,12 @@ class _Run:
     def cross_attention(self, attn, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """`attn(x, encoder_hidden_states=text)` with each lane's own text."""
         q = attn.to_q(x)
-        outs = [
-            active_query_attention(q_j, attn.to_k(lane.text), attn.to_v(lane.text), attn.heads)
-            for lane, q_j in zip(self.lanes, q.split(counts, dim=1), strict=True)
-        ]
+        outs = []
+        for lane, q_j in zip(self.lanes, q.split(counts, dim=1), strict=True):
+            kv = lane.text_kv.get(attn)
+            if kv is None:  # the text is the same at every step: project it once per edit
+                kv = lane.text_kv[attn] = (attn.to_k(lane.text), attn.to_v(lane.text))
+            outs.append(active_query_attention(q_j, *kv, attn.heads))
         return attn.to_out[1](attn.to_out[0](torch.cat(outs, dim=1)))
 
     def downsample(self, down, x: Active) -> Active:
@@ -337,3 +374,22 @@ class _Run:
         if isinstance(proj, nn.Conv2d):
             return F.linear(x, proj.weight.reshape(proj.out_channels, proj.in_channels), proj.bias)
         return proj(x)
+
+
+def _pass_index(plans: list[tuple[torch.Tensor, torch.Tensor]], active_counts: list[int]) -> torch.Tensor:
+    """One gather index for a pass from each lane's `(index, halo_cells)` plan: a lane's rows
+    [active_j, halo_j, zero] become rows of [all active, all halos, one shared zero row]."""
+    total_active = sum(active_counts)
+    halo_total = sum(len(cells) for _, cells in plans)
+    indices, active_base, halo_base = [], 0, 0
+    for (index, halo_cells), n in zip(plans, active_counts, strict=True):
+        m = len(halo_cells)
+        inside = torch.where(index < n + m, index - n + total_active + halo_base, total_active + halo_total)
+        indices.append(torch.where(index < n, index + active_base, inside))
+        active_base, halo_base = active_base + n, halo_base + m
+    return torch.cat(indices)
+
+
+def _cat(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Lanes' rows `[B, n_j, C]` as one tensor (no copy for a single lane)."""
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -69,6 +70,7 @@ class TrainConfig:
     lr: float = 1e-3
     warmup: int = 200
     caption_dropout: float = 0.1
+    object_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)  # relative frequency of 0, 1, 2, 3 objects
     ema_decay: float = 0.999
     prediction_type: str = "v_prediction"  # or "epsilon"
     snr_gamma: float = 5.0
@@ -79,9 +81,13 @@ class TrainConfig:
     precision: str = "auto"  # "bf16" autocast on a GPU, "fp32" on a CPU
 
 
-def scene_batch(rng: random.Random, size: int, device="cpu") -> tuple[torch.Tensor, list[str]]:
-    """`size` random scenes: images in [-1, 1] on `device`, and their captions."""
-    scenes = [random_scene(rng.randrange(2**62)) for _ in range(size)]
+def scene_batch(
+    rng: random.Random, size: int, device="cpu", object_weights: Sequence[float] = (1, 1, 1, 1)
+) -> tuple[torch.Tensor, list[str]]:
+    """`size` random scenes, `object_weights[n]` the relative frequency of scenes with n objects:
+    images in [-1, 1] on `device`, and their captions."""
+    counts = rng.choices(range(len(object_weights)), weights=object_weights, k=size)
+    scenes = [random_scene(rng.randrange(2**62), n, n) for n in counts]
     images = render_batch(scenes, device=device).float() / 127.5 - 1.0
     return images, [s.caption for s in scenes]
 
@@ -223,7 +229,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     last_checkpoint = time.perf_counter()
     while state["seconds"] < budget and (cfg.max_steps is None or state["step"] < cfg.max_steps):
         start = time.perf_counter()
-        images, captions = scene_batch(rng, cfg.batch_size, device)
+        images, captions = scene_batch(rng, cfg.batch_size, device, cfg.object_weights)
         captions = ["" if rng.random() < cfg.caption_dropout else c for c in captions]
         ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
         with torch.autocast(device.type, autocast, enabled=autocast is not None):

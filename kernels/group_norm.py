@@ -16,14 +16,27 @@ def group_sums(x: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.stack([g.sum(dim=(1, 3)), g.square().sum(dim=(1, 3))])
 
 
-def cell_sums(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """`[B, N, 2G]` float32: per-cell, per-group sum (first G) and sum of squares (last G) of `x`.
+def cell_sums(x: torch.Tensor, groups: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`[B, N, 2G]`: per-cell, per-group sum (first G) and sum of squares (last G) of `x`.
 
-    What a cache keeps of a group norm input that is only needed for statistics: summing these rows
-    (in float64, `sum_cells`) gives the sums of any set of cells."""
+    What a cache keeps (in float32) of a group norm input that is only needed for statistics:
+    summing these rows (in float64, `sum_cells`) gives the sums of any set of cells."""
     b, n, c = x.shape
-    g = x.reshape(b, n, groups, c // groups).float()
+    g = x.reshape(b, n, groups, c // groups).to(dtype)
     return torch.cat([g.sum(dim=3), g.square().sum(dim=3)], dim=2)
+
+
+def segment_sums(cells: torch.Tensor, segment: torch.Tensor, segments: int) -> torch.Tensor:
+    """`[2, B, S, G]` float64 group sums of the cells of each segment, from per-cell sums
+    `[B, N, 2G]` (`cell_sums`) and each cell's segment `[N]`: the statistics of several requests'
+    cells in one pass."""
+    b, _, g2 = cells.shape
+    if segments == 1:
+        out = cells.to(torch.float64).sum(dim=1, keepdim=True)
+    else:
+        out = torch.zeros(b, segments, g2, dtype=torch.float64, device=cells.device)
+        out.index_add_(1, segment, cells.to(torch.float64))
+    return out.reshape(b, segments, 2, g2 // 2).permute(2, 0, 1, 3)
 
 
 def sum_cells(sums: torch.Tensor) -> torch.Tensor:
@@ -47,10 +60,11 @@ def norm_scale_shift(
     channels: int,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel `scale`, `shift` `[B, C]` such that `norm(x) = x * scale + shift`."""
-    groups = mean.shape[1]
-    scale = rstd.to(dtype).repeat_interleave(channels // groups, dim=1)
-    shift = (-mean * rstd).to(dtype).repeat_interleave(channels // groups, dim=1)
+    """Per-channel `scale`, `shift` `[..., C]` such that `norm(x) = x * scale + shift`, from
+    per-group `mean`, `rstd` `[..., G]`."""
+    groups = mean.shape[-1]
+    scale = rstd.to(dtype).repeat_interleave(channels // groups, dim=-1)
+    shift = (-mean * rstd).to(dtype).repeat_interleave(channels // groups, dim=-1)
     if weight is not None:
         scale, shift = scale * weight, shift * weight + bias
     return scale, shift
@@ -91,3 +105,14 @@ def group_norm_act(
     """Normalise `x` `[B, N, C]` with per-group `mean`/`rstd` `[B, G]`, affine, optional SiLU."""
     scale, shift = norm_scale_shift(mean, rstd, weight, bias, x.shape[-1], x.dtype)
     return gather_norm_act(x, None, scale, shift, silu)
+
+
+def segment_norm_act(
+    x: torch.Tensor, segment: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool
+) -> torch.Tensor:
+    """`x * scale + shift` (+ SiLU) for rows `x` `[B, N, C]` of several segments, each with its own
+    `scale`, `shift` `[B, S, C]`; `segment` `[N]` says whose each row is."""
+    if scale.shape[1] == 1:
+        return gather_norm_act(x, None, scale[:, 0], shift[:, 0], silu)
+    y = torch.addcmul(shift[:, segment], x, scale[:, segment])
+    return torch.nn.functional.silu(y) if silu else y

@@ -58,6 +58,27 @@ def test_generate_returns_image_and_stats(engine):
     assert set(stats["seconds"]) >= {"text_encode", "dense_steps", "decode", "total"}
 
 
+def test_a_plain_generation_records_nothing_and_edits_only_densely(engine):
+    recorded = engine.generate("a blue square at the center", seed=3, num_inference_steps=3)
+    plain = engine.generate("a blue square at the center", seed=3, num_inference_steps=3, record=False)
+    assert torch.equal(plain.latents, recorded.latents)  # recording only reads
+    assert (
+        plain.cache.steps == []
+        and plain.stats["cache_bytes"]["total"] < recorded.stats["cache_bytes"]["total"]
+    )
+    everywhere = torch.ones(16, 16, dtype=torch.bool)
+    dense = engine.edit(plain, "a red circle", mask=everywhere, mode="dense", record=False)
+    assert torch.equal(
+        dense.latents, engine.edit(recorded, "a red circle", mask=everywhere, mode="dense").latents
+    )
+    with pytest.raises(ValueError, match="keeps no activation cache .* edit it in dense mode"):
+        engine.edit(plain, "a red circle", mask=everywhere)
+    with pytest.raises(ValueError, match="keeps no activation cache"):
+        engine.edit_batch([(plain, "a red circle", everywhere)])
+    with pytest.raises(ValueError, match="only dense edits can skip recording"):
+        engine.edit(recorded, "a red circle", mask=everywhere, record=False)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -6,6 +6,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -127,6 +128,9 @@ def test_each_session_stays_on_one_replica(service):
             version = r.json()["version_id"]
         assert len(seen) == 1
         replicas[body["session_id"]] = seen.pop()
+    # new sessions go to the replica with fewer live ones (earlier tests' sessions count too)
+    per_replica = sorted(Counter(replicas.values()).values())
+    assert len(per_replica) == 2 and max(per_replica) <= 4, per_replica
 
 
 def kill_replica_of(service, auth, body):

@@ -211,13 +211,18 @@ def test_a_batch_of_edits_equals_each_edit_alone(engine):
     together = engine.edit_batch(requests, output_type="latent")
     for (parent, prompt, mask), batched in zip(requests, together, strict=True):
         alone = engine.edit(parent, prompt, mask=mask, output_type="latent")
-        torch.testing.assert_close(batched.latents, alone.latents, rtol=0, atol=1e-5)
+        # batched GEMMs round differently: up to 1.4e-5 seen on latents of magnitude 18 (8e-7 of it)
+        scale = alone.latents.abs().max().item()
+        torch.testing.assert_close(batched.latents, alone.latents, rtol=0, atol=2e-6 * scale)
         assert batched.stats["macs_executed"] == alone.stats["macs_executed"]
         assert batched.stats["batch_size"] == 4
         assert torch.equal(batched.latents[..., ~mask], parent.latents[..., ~mask])  # outside: the parent
-        for step in range(alone.cache.num_steps):  # the caches too
+        for step in range(alone.cache.num_steps):  # the caches too, to the scale of each tensor
             for key, value in alone.cache.steps[step].items():
-                torch.testing.assert_close(batched.cache.steps[step][key], value, rtol=1e-5, atol=1e-5)
+                scale = max(1.0, value.abs().max().item())  # per-cell sums cancel: compare to the scale
+                torch.testing.assert_close(
+                    batched.cache.steps[step][key], value, rtol=1e-5, atol=2e-5 * scale
+                )
 
 
 def test_a_batch_refuses_mixed_step_counts(engine):

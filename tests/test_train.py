@@ -1,11 +1,12 @@
 """The training script runs end to end, resumes, and exports a model the engine loads."""
 
 import json
+import random
 
 import torch
 
 from fisedit_ray import EditEngine
-from fisedit_ray.train import TrainConfig, train
+from fisedit_ray.train import TrainConfig, scene_batch, train
 
 
 def test_train_resume_and_load(tmp_path):
@@ -21,3 +22,11 @@ def test_train_resume_and_load(tmp_path):
     version = engine.generate("a red circle at the top left", num_inference_steps=2)
     assert version.image.size == (64, 64)
     assert engine.pipe.unet.dtype == torch.float32  # shipped in float16, computed in float32
+
+
+def test_scene_batch_draws_object_counts_by_weight():
+    images, captions = scene_batch(random.Random(0), 40, object_weights=(0, 0, 1, 0))
+    assert images.shape == (40, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
+    assert all(caption.count(" at the ") == 2 for caption in captions)
+    _, captions = scene_batch(random.Random(0), 40, object_weights=(1, 0, 0, 0))
+    assert all(caption.startswith("an empty scene") for caption in captions)
