@@ -26,10 +26,10 @@ def cell_sums(x: torch.Tensor, groups: int, dtype: torch.dtype = torch.float32) 
     return torch.cat([g.sum(dim=3), g.square().sum(dim=3)], dim=2)
 
 
-def segment_sums(cells: torch.Tensor, segment: torch.Tensor, segments: int) -> torch.Tensor:
+def segment_sums(cells: torch.Tensor, segment: torch.Tensor | None, segments: int) -> torch.Tensor:
     """`[2, B, S, G]` float64 group sums of the cells of each segment, from per-cell sums
-    `[B, N, 2G]` (`cell_sums`) and each cell's segment `[N]`: the statistics of several requests'
-    cells in one pass."""
+    `[B, N, 2G]` (`cell_sums`) and each cell's segment `[N]` (unused for one segment): the
+    statistics of several requests' cells in one pass."""
     b, _, g2 = cells.shape
     if segments == 1:
         out = cells.to(torch.float64).sum(dim=1, keepdim=True)
@@ -40,9 +40,8 @@ def segment_sums(cells: torch.Tensor, segment: torch.Tensor, segments: int) -> t
 
 
 def sum_cells(sums: torch.Tensor) -> torch.Tensor:
-    """`[2, B, G]` float64 group sums from per-cell sums `[B, N, 2G]`."""
-    b, _, g2 = sums.shape
-    return sums.to(torch.float64).sum(dim=1).reshape(b, 2, g2 // 2).transpose(0, 1).contiguous()
+    """`[2, B, G]` float64 group sums from per-cell sums `[B, N, 2G]`: all cells, one segment."""
+    return segment_sums(sums, None, 1)[:, :, 0].contiguous()
 
 
 def group_stats(sums: torch.Tensor, count: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
