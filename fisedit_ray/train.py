@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor
 from diffusers.training_utils import EMAModel, compute_snr
 from transformers import CLIPTextModel
 
@@ -78,7 +79,7 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0
     seed: int = 0
     device: str = "auto"  # "cuda" when available, else "cpu"
-    precision: str = "auto"  # "bf16" autocast on a GPU, "fp32" on a CPU
+    precision: str = "auto"  # "bf16" autocast on a GPU or a CPU with bf16 instructions, else "fp32"
 
 
 def scene_batch(
@@ -92,11 +93,24 @@ def scene_batch(
     return images, [s.caption for s in scenes]
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (avx512_bf16 or AMX); elsewhere bf16 is emulated
+    and slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
     """The device, and the autocast dtype (None: plain float32)."""
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
-    precision = ("bf16" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
+    if cfg.precision == "auto":
+        precision = "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
+    else:
+        precision = cfg.precision
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be 'bf16' or 'fp32', not {precision!r}")
     return device, torch.bfloat16 if precision == "bf16" else None
@@ -187,6 +201,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
     vae = train_vae(cfg, out, log).requires_grad_(False)
     tokenizer = build_tokenizer(MAX_TOKENS, vocabulary(), cell_tokens())
     unet, text_encoder = (m.to(device) for m in denoiser(cfg, tokenizer))
+    if device.type == "cpu" and autocast is not None:
+        # PyTorch's CPU flash-attention backward in bf16 is ~6x slower than in float32; the classic
+        # matmul-softmax attention keeps bf16 training 1.6x faster than float32 (measured, 2 cores).
+        unet.set_attn_processor(AttnProcessor())
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     ema_unet = EMAModel(unet.parameters(), decay=cfg.ema_decay, foreach=True)

@@ -3,10 +3,11 @@
 import json
 import random
 
+import pytest
 import torch
 
 from fisedit_ray import EditEngine
-from fisedit_ray.train import TrainConfig, scene_batch, train
+from fisedit_ray.train import TrainConfig, cpu_has_bf16, resolve, scene_batch, train
 
 
 def test_train_resume_and_load(tmp_path):
@@ -30,3 +31,12 @@ def test_scene_batch_draws_object_counts_by_weight():
     assert all(caption.count(" at the ") == 2 for caption in captions)
     _, captions = scene_batch(random.Random(0), 40, object_weights=(1, 0, 0, 0))
     assert all(caption.startswith("an empty scene") for caption in captions)
+
+
+def test_precision_choice():
+    assert resolve(TrainConfig(device="cpu", precision="fp32")) == (torch.device("cpu"), None)
+    assert resolve(TrainConfig(device="cpu", precision="bf16")) == (torch.device("cpu"), torch.bfloat16)
+    auto = torch.bfloat16 if cpu_has_bf16() else None  # bf16 only where the CPU computes it natively
+    assert resolve(TrainConfig(device="cpu")) == (torch.device("cpu"), auto)
+    with pytest.raises(ValueError, match="precision must be 'bf16' or 'fp32', not 'fp16'"):
+        resolve(TrainConfig(device="cpu", precision="fp16"))
