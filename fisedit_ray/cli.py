@@ -176,7 +176,9 @@ def train(
     ] = None,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto (a GPU when there is one), cpu or cuda.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on a GPU), bf16 or fp32.")] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 autocast on a GPU or a CPU with native bf16), bf16 or fp32.")
+    ] = "auto",
 ) -> None:
     """Train the scenes model from scratch, or fine-tune one with --init (see fisedit_ray.train)."""
     from fisedit_ray.train import TrainConfig
