@@ -64,9 +64,16 @@ class Editor:
                 raise ValueError("this deployment keeps no activation caches: it serves dense edits only")
             parent = self._hot(session_id, lineage[-2]["id"]) if len(lineage) > 1 else None
             if parent is not None and record["mode"] == "sparse":
-                mask = self._latent_mask(parent, record)  # refused here, alone, not in a batch
+                # refused here, alone, not in a batch; an automatic mask is found here too, so that
+                # the batcher groups edits by the sparsity they will run at
                 self.engine.check_prompt(record["prompt"])
+                mask, found = self._latent_mask(parent, record), None
+                if mask is None:
+                    mask, found = self.engine.find_mask(parent, record["prompt"])
                 version = await self._sparse_batch(parent, record, mask)
+                if found is not None:
+                    version.stats |= found
+                    version.stats["macs_executed"] += found["capture_macs"]
                 fetched, rebuilt = [], []
             else:
                 fetched, rebuilt, version = await self._materialise(session_id, lineage)
@@ -99,8 +106,10 @@ class Editor:
             self.hot.move_to_end((session_id, version_id))
         return version
 
-    def _latent_mask(self, parent: Version, record: dict):
+    def _latent_mask(self, parent: Version, record: dict) -> torch.Tensor | None:
         mask = self._mask_image(record)
+        if mask is None:
+            return None
         return to_latent_mask(mask, self.engine.latent_size(parent.settings), self.engine.vae_scale)
 
     def _result(self, version: Version, fetched: list[str], rebuilt: list[str]) -> dict:
@@ -173,9 +182,10 @@ class Editor:
         return version
 
     @staticmethod
-    def _mask_image(record: dict) -> Image.Image:
+    def _mask_image(record: dict) -> Image.Image | None:
+        """The edit's mask, or None: Target Area Capture finds it."""
         if not record["mask_png"]:
-            raise ValueError("an edit needs a mask: automatic masks are not served yet")
+            return None
         try:
             mask = Image.open(io.BytesIO(record["mask_png"]))
             mask.load()

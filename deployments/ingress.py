@@ -126,6 +126,7 @@ class Ingress:
         result = await self._run(session_id, lineage)
         if session_id not in self.sessions:  # deleted while the edit ran
             raise HTTPException(404, f"session {session_id!r} was deleted")
+        step["mask_png"] = result["mask_png"]  # a found mask is frozen: a rebuild reproduces the edit
         record = VersionRecord(
             lineage, version_id, body.prompt, result["image_png"], result["mask_png"], result["stats"]
         )

@@ -26,7 +26,9 @@ class CreateEdit(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=2000)
-    mask_png: str | None = Field(None, description="Base64 PNG, white = edit, at latent or image size")
+    mask_png: str | None = Field(
+        None, description="Base64 PNG, white = edit, at latent or image size; omitted: the service finds it"
+    )
     mode: str = Field("sparse", pattern="^(sparse|dense|reference)$")
 
     @field_validator("mask_png")

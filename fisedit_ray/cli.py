@@ -11,6 +11,7 @@ import typer
 from PIL import Image, UnidentifiedImageError
 
 from fisedit_ray.cache import parse_dtype
+from fisedit_ray.capture import CaptureConfig
 from fisedit_ray.engine import EditEngine, Version
 from fisedit_ray.figures import labeled_grid
 from fisedit_ray.masks import mask_image, overlay
@@ -99,28 +100,43 @@ def generate(
 def edit(
     prompt: str,
     session: SessionOpt,
-    mask: Annotated[Path, typer.Option(help="PNG mask at image or latent size; white = edit.")],
+    mask: Annotated[
+        Path | None,
+        typer.Option(help="PNG mask at image or latent size; white = edit. Default: found automatically."),
+    ] = None,
     parent: Annotated[str | None, typer.Option(help="Version to edit (default: the latest).")] = None,
     mode: Annotated[str, typer.Option(help="sparse, reference or dense.")] = "sparse",
+    dense_steps: Annotated[
+        int, typer.Option(min=1, help="Dense steps before an automatic mask exists (k).")
+    ] = CaptureConfig.dense_steps,
+    combine: Annotated[
+        str, typer.Option(help="With --mask: replace (the mask wins), union or intersect with the found one.")
+    ] = "replace",
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Edit a version of a session with a new prompt inside a mask."""
+    """Edit a version of a session with a new prompt, inside a mask or the region the prompt change
+    affects. Writes the image, the mask and an overlay of the mask on the parent's image."""
     try:
         store = Session.open(session)
         base = store.get(parent) if parent else store.latest
-    except SessionError as e:
+        capture = CaptureConfig(dense_steps=dense_steps, combine=combine)
+    except (SessionError, ValueError) as e:
         raise _fail(str(e)) from e
-    try:
-        mask_png = Image.open(mask)
-    except (OSError, UnidentifiedImageError) as e:
-        raise _fail(f"cannot read mask {mask}: {e}") from e
+    mask_png = None
+    if mask is not None:
+        try:
+            mask_png = Image.open(mask)
+        except (OSError, UnidentifiedImageError) as e:
+            raise _fail(f"cannot read mask {mask}: {e}") from e
     engine = _engine(store.model, device, base.cache.storage_dtype)
     try:
-        version = engine.edit(base, prompt, mask=mask_png, mode=mode)
+        version = engine.edit(base, prompt, mask=mask_png, mode=mode, capture=capture)
     except ValueError as e:
         raise _fail(str(e)) from e
     folder = store.add(version, engine.vae_scale)
     typer.echo(f"{version.id} (edit of {base.id}): {folder / 'image.png'}")
+    source = version.stats["mask_source"]
+    typer.echo(f"mask ({source}): {folder / 'mask.png'}, overlay: {folder / 'overlay.png'}")
     typer.echo(report([(version.id, version)]))
 
 
@@ -133,23 +149,21 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the original; the shipped model draws it at 2.")] = 2,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Generate, edit a centred rectangle in sparse and dense mode, write images and a table."""
+    """Generate, edit with a mask found from the prompt change (sparse) and regenerate (dense),
+    write the images, the mask and a table."""
     engine = _engine(model, device, "float32")
     out.mkdir(parents=True, exist_ok=True)
     base = engine.generate(DEMO_PROMPT, seed=seed, num_inference_steps=steps, height=size, width=size)
-    h, w = size // engine.vae_scale, size // engine.vae_scale
-    rect = torch.zeros(h, w, dtype=torch.bool)
-    rect[h * 3 // 8 : h * 5 // 8, w * 3 // 8 : w * 5 // 8] = True
-    sparse = engine.edit(base, DEMO_EDIT, mask=rect, mode="sparse")
-    dense = engine.edit(base, DEMO_EDIT, mask=rect, mode="dense")
+    sparse = engine.edit(base, DEMO_EDIT, mode="sparse")
+    dense = engine.edit(base, DEMO_EDIT, mode="dense")
     base.image.save(out / "original.png")
     sparse.image.save(out / "edit_sparse.png")
     dense.image.save(out / "edit_dense.png")
-    mask_image(rect, engine.vae_scale).save(out / "mask.png")
-    overlay(base.image, rect, engine.vae_scale).save(out / "mask_overlay.png")
+    mask_image(sparse.mask, engine.vae_scale).save(out / "mask.png")
+    overlay(base.image, sparse.mask, engine.vae_scale).save(out / "mask_overlay.png")
     tiles = [
         (base.image, f"original: {DEMO_PROMPT}"),
-        (overlay(base.image, rect, engine.vae_scale), "mask"),
+        (overlay(base.image, sparse.mask, engine.vae_scale), "mask found from the prompt change"),
         (sparse.image, f"sparse edit: {DEMO_EDIT}"),
         (dense.image, "dense regeneration, same seed"),
     ]

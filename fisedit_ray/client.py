@@ -48,10 +48,11 @@ class RemoteSession:
     def _auth(self) -> dict:
         return {"Authorization": f"Bearer {self.token}"}
 
-    def edit(self, version_id: str, prompt: str, mask, mode: str = "sparse") -> dict:
-        """Edit `version_id` inside `mask` (white/True = edit; latent or image size); the new version."""
+    def edit(self, version_id: str, prompt: str, mask=None, mode: str = "sparse") -> dict:
+        """Edit `version_id` inside `mask` (white/True = edit; latent or image size), or, without
+        one, inside the region the service finds; the new version."""
         url = f"/v1/sessions/{self.id}/versions/{version_id}/edits"
-        body = {"prompt": prompt, "mask_png": _mask_png(mask), "mode": mode}
+        body = {"prompt": prompt, "mask_png": None if mask is None else _mask_png(mask), "mode": mode}
         return _check(self.client.http.post(url, json=body, headers=self._auth)).json()
 
     def versions(self) -> list[dict]:

@@ -27,6 +27,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from fisedit_ray.cache import ActivationCache, CacheRecorder, parse_dtype
+from fisedit_ray.capture import (
+    CaptureConfig,
+    CrossAttentionMaps,
+    attention_queries,
+    capture_mask,
+    changed_tokens,
+    combine_masks,
+    latent_difference,
+)
 from fisedit_ray.macs import AffineMacs, count_macs
 from fisedit_ray.masks import MaskLike, MaskPyramid, to_latent_mask
 from fisedit_ray.models import DEFAULT_MODEL, load_pipeline
@@ -67,6 +76,11 @@ class Version:
     parent: Version | None = None
     mask: torch.Tensor | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @functools.cached_property
+    def pyramid(self) -> MaskPyramid | None:
+        """The mask at every U-Net level (None for a generation)."""
+        return None if self.mask is None else MaskPyramid.build(self.mask, self.cache.sizes)
 
     def lineage(self) -> list[Version]:
         """This version and its ancestors, root first."""
@@ -232,13 +246,18 @@ class EditEngine:
         parent: Version,
         prompt: str,
         *,
-        mask: MaskLike,
+        mask: MaskLike | None = None,
         mode: Mode = "sparse",
+        capture: CaptureConfig | None = None,
         output_type: str = "pil",
         record: bool = True,
     ) -> Version:
         """Edit `parent` with a new prompt inside `mask` (see `to_latent_mask` for what it accepts).
-        `record=False` (dense mode only) keeps no activation cache: a plain regeneration."""
+        Without a mask, Target Area Capture finds the region the prompt change affects (`capture`
+        configures it; with a mask, `capture.combine` may also union or intersect the two). An
+        unmasked edit whose prompt reads as the parent's (same tokens) has an empty mask: the
+        parent's latents and image (in sparse mode without a U-Net pass). `record=False` (dense
+        mode only) keeps no activation cache: a plain regeneration."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not record and mode != "dense":
@@ -246,12 +265,15 @@ class EditEngine:
         if mode != "dense":
             _check_cached(parent)
         _check_output_type(output_type)
+        _check_edit_prompt(prompt)
+        config = capture or CaptureConfig()
         settings = parent.settings
         phases = _Phases()
-        with phases("mask"):
-            latent_mask, pyramid = self._mask_pyramid(parent, mask)
         with phases("text_encode"):
             embeds = self._encode(prompt, settings)
+        with phases("mask"):
+            latent_mask, found = self._edit_mask(parent, prompt, embeds, mask, config, mode)
+            pyramid = self._pyramid(latent_mask)
         if mode == "dense":
             with phases("dense_steps"):
                 cache = self._new_cache(settings)
@@ -259,7 +281,7 @@ class EditEngine:
         elif mode == "reference":
             with phases("reference_steps"):
                 chain = _dense_lineage(parent)
-                specs = [_spec(self._encode(v.prompt, settings), _pyramid_of(v, self)) for v in chain]
+                specs = [_spec(self._encode(v.prompt, settings), _pyramid_of(v)) for v in chain]
                 cache = ActivationCache.delta_of(parent.cache, pyramid.cells)
                 macs = self._run_dense([*specs, _spec(embeds, pyramid)], settings, cache)
         else:
@@ -267,31 +289,55 @@ class EditEngine:
                 ((cache, macs),) = self._run_sparse([(parent, embeds, pyramid)])
         with phases("decode"):
             image = self._image(cache, parent, latent_mask, mode, output_type)
-        stats = _stats(mode, macs, phases, cache, mask_ratio=pyramid.ratio)
+        macs["executed"] += found["capture_macs"]
+        stats = _stats(mode, macs, phases, cache, mask_ratio=pyramid.ratio, **found)
         return Version(prompt, settings, mode, cache.latents[-1], image, cache, stats, parent, latent_mask)
 
     @_one_at_a_time
     @torch.no_grad()
+    def find_mask(
+        self, parent: Version, prompt: str, *, capture: CaptureConfig | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """Target Area Capture alone: the latent mask an unmasked sparse edit of `parent` with
+        `prompt` would use, and how it was found (`capture_steps`, `capture_macs`)."""
+        _check_cached(parent)
+        _check_edit_prompt(prompt)
+        embeds = self._encode(prompt, parent.settings)
+        return self._edit_mask(parent, prompt, embeds, None, capture or CaptureConfig(), "sparse")
+
+    @_one_at_a_time
+    @torch.no_grad()
     def edit_batch(
-        self, requests: list[tuple[Version, str, MaskLike]], *, output_type: str = "pil"
+        self,
+        requests: list[tuple[Version, str, MaskLike | None]],
+        *,
+        capture: CaptureConfig | None = None,
+        output_type: str = "pil",
     ) -> list[Version]:
         """Sparse edits `(parent, prompt, mask)` run together: each denoising step is one sparse pass
         over all of them (`SparseUNet.run_lanes`), so the weights are read once per step for the
         whole batch. Each result equals its edit run alone up to float rounding of the batched
-        GEMMs. The parents must share their number of steps and whether guidance is on. Seconds in
-        the stats are the batch's; `batch_size` says how many ran together."""
+        GEMMs. A mask of None is captured as in `edit`, each edit alone. The parents must share
+        their number of steps and whether guidance is on. Seconds in the stats are the batch's;
+        `batch_size` says how many ran together."""
         _check_output_type(output_type)
-        for parent, _, _ in requests:
+        for parent, prompt, _ in requests:
             _check_cached(parent)
+            _check_edit_prompt(prompt)
+        config = capture or CaptureConfig()
         phases = _Phases()
-        with phases("mask"):
-            masks = [self._mask_pyramid(parent, mask) for parent, _, mask in requests]
         with phases("text_encode"):
             embeds = [self._encode(prompt, parent.settings) for parent, prompt, _ in requests]
+        with phases("mask"):
+            masks = [
+                self._edit_mask(parent, prompt, e, mask, config, "sparse")
+                for (parent, prompt, mask), e in zip(requests, embeds, strict=True)
+            ]
+            pyramids = [self._pyramid(latent_mask) for latent_mask, _ in masks]
         with phases("sparse_steps"):
             jobs = [
                 (parent, e, pyramid)
-                for (parent, _, _), e, (_, pyramid) in zip(requests, embeds, masks, strict=True)
+                for (parent, _, _), e, pyramid in zip(requests, embeds, pyramids, strict=True)
             ]
             results = self._run_sparse(jobs)
         with phases("decode"):
@@ -300,24 +346,114 @@ class EditEngine:
                 for (cache, _), (parent, _, _), (latent_mask, _) in zip(results, requests, masks, strict=True)
             ]
         versions = []
-        for (parent, prompt, _), (cache, macs), image, (latent_mask, pyramid) in zip(
-            requests, results, images, masks, strict=True
+        for (parent, prompt, _), (cache, macs), image, (latent_mask, found), pyramid in zip(
+            requests, results, images, masks, pyramids, strict=True
         ):
-            stats = _stats("sparse", macs, phases, cache, mask_ratio=pyramid.ratio, batch_size=len(requests))
-            version = Version(
-                prompt, parent.settings, "sparse", cache.latents[-1], image, cache, stats, parent
+            macs["executed"] += found["capture_macs"]
+            stats = _stats(
+                "sparse", macs, phases, cache, mask_ratio=pyramid.ratio, batch_size=len(requests), **found
             )
-            version.mask = latent_mask
+            version = Version(
+                prompt, parent.settings, "sparse", cache.latents[-1], image, cache, stats, parent, latent_mask
+            )
             versions.append(version)
         return versions
 
     # ---- pieces -------------------------------------------------------------------------------
-    def _mask_pyramid(self, parent: Version, mask: MaskLike) -> tuple[torch.Tensor, MaskPyramid]:
-        latent_mask = to_latent_mask(mask, self.latent_size(parent.settings), self.vae_scale)
-        return latent_mask, MaskPyramid.build(latent_mask, self.sparse_unet.level_sizes(latent_mask.shape))
+    def _pyramid(self, latent_mask: torch.Tensor) -> MaskPyramid:
+        return MaskPyramid.build(latent_mask, self.sparse_unet.level_sizes(latent_mask.shape))
+
+    def _edit_mask(
+        self, parent: Version, prompt: str, embeds: torch.Tensor, mask, config: CaptureConfig, mode: str
+    ) -> tuple[torch.Tensor, dict]:
+        """The edit's latent mask and how it was found (stats: its source, the dense steps run to
+        capture it and their MACs)."""
+        size = self.latent_size(parent.settings)
+        user = None if mask is None else to_latent_mask(mask, size, self.vae_scale)
+        found = {"mask_source": "user", "capture_steps": 0, "capture_macs": 0}
+        if user is not None and config.combine == "replace":
+            return user, found
+        if user is None and mode == "dense":  # a regeneration: the whole image is the edit
+            return torch.ones(size, dtype=torch.bool), {**found, "mask_source": "full"}
+        if self._same_tokens(prompt, parent.prompt):
+            captured = torch.zeros(size, dtype=torch.bool)
+        else:
+            captured, found = self._capture(parent, prompt, embeds, config)
+        if user is None:
+            return captured, {**found, "mask_source": "capture"}
+        return combine_masks(user, captured, config.combine), {**found, "mask_source": config.combine}
+
+    def _capture(
+        self, parent: Version, prompt: str, embeds: torch.Tensor, config: CaptureConfig
+    ) -> tuple[torch.Tensor, dict]:
+        """Target Area Capture (see `fisedit_ray.capture`): k dense steps with the new prompt from the
+        parent's initial noise, compared with the same steps of the parent's prompt: the parent's
+        cached latents for a dense-computed parent, else a dense run of its prompt alongside (an
+        edited parent's latents differ from its prompt's dense run inside its own edits, which this
+        edit must not undo)."""
+        settings = parent.settings
+        k = config.dense_steps
+        if k > settings.num_inference_steps:
+            raise ValueError(
+                f"capture needs {k} dense steps but the parent has {settings.num_inference_steps} steps"
+            )
+        old_embeds = self._encode(parent.prompt, settings)
+        runs = [_spec(embeds, None)]
+        if parent.mode not in ("generate", "dense"):
+            runs.insert(0, _spec(old_embeds, None))
+        maps = None
+        if config.cross_attention > 0:
+            words = {i: w for w, i in self.pipe.tokenizer.get_vocab().items()}
+            for special in self.pipe.tokenizer.all_special_ids:
+                words.pop(special, None)
+            change = changed_tokens(self._token_ids(parent.prompt), self._token_ids(prompt), words)
+            sizes = self.sparse_unet.level_sizes(self.latent_size(settings))
+            maps = CrossAttentionMaps(self.pipe.unet, sizes, attention_queries(embeds, old_embeds, change))
+        try:
+            trajectories = self._probe(runs, settings, k, maps)
+        finally:
+            if maps is not None:
+                maps.remove()
+        before = trajectories[0] if len(runs) == 2 else parent.cache.latents[1 : k + 1]
+        score = latent_difference(trajectories[-1], before)
+        if maps is not None:
+            w = config.cross_attention
+            score = score * ((1 - w) + w * maps.score().to(score.device))
+        per_step = parent.stats.get("unet_macs_per_step", 0)
+        return capture_mask(score.cpu(), config), {
+            "capture_steps": k,
+            "capture_macs": per_step * k * len(runs),
+        }
+
+    def _probe(
+        self, specs: list[dict], settings: Settings, k: int, maps: CrossAttentionMaps | None
+    ) -> list[list[torch.Tensor]]:
+        """The latents after each of the first k dense steps of every run (one batched U-Net pass
+        per step; the last run's conditional half is what `maps` reads)."""
+        runs = [self._start(spec, settings) for spec in specs]
+        embeds = torch.cat([run.embeds for run in runs])
+        trajectories: list[list[torch.Tensor]] = [[] for _ in runs]
+        for t in runs[0].scheduler.timesteps[:k]:
+            if maps is not None:
+                maps.begin_step()
+            x = torch.cat([self._model_input(run, t) for run in runs])
+            (noise,) = self.pipe.unet(x, t, encoder_hidden_states=embeds, return_dict=False)
+            for run, out, trajectory in zip(runs, noise.chunk(len(runs)), trajectories, strict=True):
+                guided = self._guide(out, settings)
+                run.latents = run.scheduler.step(guided, t, run.latents, **run.step_kwargs).prev_sample
+                trajectory.append(run.latents)
+        return trajectories
+
+    def _token_ids(self, prompt: str) -> list[int]:
+        return self.pipe.tokenizer(prompt).input_ids
+
+    def _same_tokens(self, a: str, b: str) -> bool:
+        return self._token_ids(a) == self._token_ids(b)
 
     def _image(self, cache, parent: Version, latent_mask, mode: str, output_type: str) -> Image.Image | None:
         """The decoded image; outside the mask (grown by the decoder's reach) the parent's pixels."""
+        if mode != "dense" and not latent_mask.any() and parent.image is not None and output_type == "pil":
+            return parent.image  # nothing changed: no decode
         image = self._decode(cache.latents[-1], output_type)
         if image is not None and mode != "dense" and parent.image is not None:
             image = _composite(image, parent.image, latent_mask, self.vae_scale)
@@ -509,6 +645,11 @@ def _check_cached(parent: Version) -> None:
         )
 
 
+def _check_edit_prompt(prompt: str) -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("an edit needs a non-empty prompt (the new description of the image)")
+
+
 def _check_output_type(output_type: str) -> None:
     if output_type not in ("pil", "latent"):
         raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
@@ -562,10 +703,8 @@ def _dense_lineage(version: Version) -> list[Version]:
     return chain[start:]
 
 
-def _pyramid_of(version: Version, engine: EditEngine) -> MaskPyramid | None:
-    if version.mode in ("generate", "dense"):
-        return None
-    return MaskPyramid.build(version.mask, engine.sparse_unet.level_sizes(version.mask.shape))
+def _pyramid_of(version: Version) -> MaskPyramid | None:
+    return None if version.mode in ("generate", "dense") else version.pyramid
 
 
 def _composite(image: Image.Image, parent: Image.Image, mask: torch.Tensor, scale: int, margin: int = 2):

@@ -27,7 +27,7 @@ def test_default_model_is_the_shipped_scenes_model_and_loads_offline(monkeypatch
     assert size < 30 * 2**20
 
 
-# Fixed prompts and seeds, one and two objects. The shipped model gets 46% of objects right on
+# Fixed prompts and seeds, one and two objects. The shipped model gets 97.5% of objects right on
 # held-out captions (README), so these seeds are ones it draws right: a regression test of the
 # weights and of loading, not a measure of accuracy (that is benchmarks/quality.py).
 PROMPTED = [

@@ -114,6 +114,21 @@ def test_results_equal_the_engine(service, engine, one_thread):
     assert [v["parent"] for v in tree["versions"]] == [None, body["version_id"]]
 
 
+def test_an_edit_without_a_mask_gets_the_engines_found_mask(service, engine, one_thread):
+    body, auth = create(service)
+    url = f"/v1/sessions/{body['session_id']}/versions/{body['version_id']}/edits"
+    r = service.post(url, json={"prompt": EDIT}, headers=auth)
+    assert r.status_code == 201, r.text
+    edited = r.json()
+    child = engine.edit(engine.generate(PROMPT, seed=0, num_inference_steps=3), EDIT)
+    assert edited["stats"]["mask_source"] == "capture" and edited["stats"]["capture_steps"] == 1
+    assert edited["stats"]["macs_executed"] == child.stats["macs_executed"]
+    mask = png_array(service.get(edited["mask_url"], headers=auth).content)
+    assert np.array_equal(mask[..., 0] > 127, np.asarray(mask_image(child.mask, engine.vae_scale)) > 127)
+    image = png_array(service.get(edited["image_url"], headers=auth).content)
+    assert np.array_equal(image, np.asarray(child.image))
+
+
 def test_each_session_stays_on_one_replica(service):
     replicas = {}
     for seed in range(6):
@@ -211,7 +226,6 @@ def test_bad_edits_get_a_4xx_and_leave_the_session_intact(service):
         ({"prompt": EDIT, "mask_png": "!!!"}, "base64"),
         ({"prompt": EDIT, "mask_png": base64.b64encode(b"GIF89a...").decode()}, "not a PNG"),
         ({"prompt": EDIT, "mask_png": mask_png(np.ones((5, 5), bool))}, "expected the latent size"),
-        ({"prompt": EDIT}, "needs a mask"),
         ({"prompt": EDIT, "mask_png": mask_png(np.ones((16, 16), bool)), "mode": "fast"}, "mode"),
         ({"prompt": " ".join(["blue"] * 100), "mask_png": mask_png(np.ones((16, 16), bool))}, "tokens long"),
     ]
