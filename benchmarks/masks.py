@@ -126,7 +126,9 @@ def run_pairs(job: tuple[list[tuple[int, EditPair]], str, int, int]) -> list[dic
     torch.set_num_threads(threads)
     engine = EditEngine.from_pretrained(model)
     rows = []
-    for index, pair in pairs:
+    for done, (index, pair) in enumerate(pairs):
+        if done % 25 == 0:
+            print(f"[{time.strftime('%H:%M:%S')}] pair {done} of {len(pairs)} in this worker", flush=True)
         with torch.no_grad():
             parent = engine.generate(pair.before.caption, seed=index, num_inference_steps=steps)
             base = {"pair": index, "kind": pair.kind, "before": pair.before.caption}
