@@ -30,7 +30,8 @@ import torch
 from fisedit_ray import EditEngine
 from fisedit_ray.capture import CaptureConfig
 from fisedit_ray.detector import detect
-from fisedit_ray.scenes import CELLS, EDIT_KINDS, IMAGE_SIZE, EditPair, random_edit, random_scene
+from fisedit_ray.masks import to_latent_mask
+from fisedit_ray.scenes import CELLS, EDIT_KINDS, EditPair, cell_window, random_edit, random_scene
 
 PAIR_SEED = 10**9 + 5 * 10**6  # apart from training scenes and from quality.py's captions
 FISEDIT = CaptureConfig(dense_steps=10, grow=1.0, opening=2, global_median=None)
@@ -65,8 +66,7 @@ def edit_pairs(per_kind: int) -> list[EditPair]:
 
 def changed_latents(pair: EditPair, scale: int) -> torch.Tensor:
     pixels = pair.changed_pixels()
-    h, w = pixels.shape[0] // scale, pixels.shape[1] // scale
-    return torch.from_numpy(pixels.reshape(h, scale, w, scale).any(axis=(1, 3)))
+    return to_latent_mask(pixels, (pixels.shape[0] // scale, pixels.shape[1] // scale), scale)
 
 
 def grid_cell_of_latents(size: int, scale: int) -> torch.Tensor:
@@ -103,12 +103,7 @@ def measure(pair: EditPair, parent, version, mask, engine: EditEngine) -> dict:
     if untouched:
         a = np.asarray(parent.image).astype(float)
         b = np.asarray(version.image).astype(float)
-        cell = IMAGE_SIZE // 3
-        diffs = []
-        for c in untouched:
-            r, k = divmod(c, 3)
-            window = (slice(r * cell, (r + 1) * cell), slice(k * cell, (k + 1) * cell))
-            diffs.append(np.abs(a[window] - b[window]).mean())
+        diffs = [np.abs(a[cell_window(c)] - b[cell_window(c)]).mean() for c in untouched]
         cells = grid_cell_of_latents(parent.latents.shape[-1], scale)
         keep = torch.isin(cells, torch.tensor(untouched))
         same = (version.latents[0] == parent.latents[0]).all(0)

@@ -23,7 +23,7 @@ import torch
 from fisedit_ray import EditEngine
 from fisedit_ray.detector import detect
 from fisedit_ray.figures import labeled_grid
-from fisedit_ray.scenes import EDIT_KINDS, IMAGE_SIZE, random_edit, random_scene
+from fisedit_ray.scenes import EDIT_KINDS, cell_window, random_edit, random_scene
 
 HELD_OUT_SEED = 10**9  # training draws its scenes from a seeded stream of 62-bit seeds; these are apart
 
@@ -55,7 +55,6 @@ def object_accuracy(engine: EditEngine, count: int, steps: int, guidance: float)
 
 def regeneration_damage(engine: EditEngine, count: int, steps: int, guidance: float) -> list[dict]:
     rows = []
-    cell = IMAGE_SIZE // 3
     for i in range(count):
         kind = [k for k in EDIT_KINDS if k != "background"][i % (len(EDIT_KINDS) - 1)]
         scene = random_scene(HELD_OUT_SEED + 10**6 + i, min_objects=1, max_objects=3)
@@ -74,8 +73,7 @@ def regeneration_damage(engine: EditEngine, count: int, steps: int, guidance: fl
         diffs, flips = [], 0
         da, db = detect(before.image), detect(after.image)
         for c in untouched:
-            r, k = divmod(c, 3)
-            window = (slice(r * cell, (r + 1) * cell), slice(k * cell, (k + 1) * cell))
+            window = cell_window(c)
             diffs.append(np.abs(a[window] - b[window]).mean())
             flips += da.cell(c) != db.cell(c)
         target = pair.changed_cells[-1]

@@ -397,10 +397,10 @@ class EditEngine:
             raise ValueError(
                 f"capture needs {k} dense steps but the parent has {settings.num_inference_steps} steps"
             )
-        old_embeds = self._encode(parent.prompt, settings)
-        runs = [_spec(embeds, None)]
-        if parent.mode not in ("generate", "dense"):
-            runs.insert(0, _spec(old_embeds, None))
+        probe_old = parent.mode not in ("generate", "dense")
+        if probe_old or config.cross_attention > 0:
+            old_embeds = self._encode(parent.prompt, settings)
+        runs = [_spec(old_embeds, None), _spec(embeds, None)] if probe_old else [_spec(embeds, None)]
         maps = None
         if config.cross_attention > 0:
             words = {i: w for w, i in self.pipe.tokenizer.get_vocab().items()}
@@ -414,7 +414,7 @@ class EditEngine:
         finally:
             if maps is not None:
                 maps.remove()
-        before = trajectories[0] if len(runs) == 2 else parent.cache.latents[1 : k + 1]
+        before = trajectories[0] if probe_old else parent.cache.latents[1 : k + 1]
         score = latent_difference(trajectories[-1], before)
         if maps is not None:
             w = config.cross_attention

@@ -88,6 +88,13 @@ def cell_center(cell: int, size: int = IMAGE_SIZE) -> tuple[float, float]:
     return ((col + 0.5) * size / 3, (row + 0.5) * size / 3)
 
 
+def cell_window(cell: int, size: int = IMAGE_SIZE) -> tuple[slice, slice]:
+    """The pixel rows and columns of a grid cell (size // 3 pixels square, from the top left)."""
+    side = size // 3
+    row, col = divmod(cell, 3)
+    return slice(row * side, (row + 1) * side), slice(col * side, (col + 1) * side)
+
+
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, center, radius: float, fill) -> None:
     x, y = center
     r = radius

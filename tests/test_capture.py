@@ -2,7 +2,6 @@
 
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,8 +16,8 @@ from fisedit_ray.capture import (
     opening,
     otsu_threshold,
 )
-from fisedit_ray.masks import MaskPyramid
-from fisedit_ray.scenes import Scene, SceneObject
+from fisedit_ray.masks import MaskPyramid, to_latent_mask
+from fisedit_ray.scenes import EditPair, Scene, SceneObject
 
 TOL = 1e-4
 STEPS = 4
@@ -220,9 +219,8 @@ def scenes_engine():
 
 
 def changed_latents(before: Scene, after: Scene) -> torch.Tensor:
-    a, b = np.asarray(before.render()), np.asarray(after.render())
-    changed = (a != b).any(-1)
-    return torch.from_numpy(changed.reshape(32, 2, 32, 2).any(axis=(1, 3)))
+    """The cells with any changed pixel: the edit's true region at latent resolution."""
+    return to_latent_mask(EditPair("edit", before, after).changed_pixels(), (32, 32), 2)
 
 
 def test_the_captured_mask_covers_a_known_change(scenes_engine):
