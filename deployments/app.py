@@ -10,6 +10,7 @@ from ray.serve.config import RequestRouterConfig
 from fisedit_ray.deployments.cache_owner import CacheOwner
 from fisedit_ray.deployments.editor import Editor
 from fisedit_ray.deployments.ingress import Ingress
+from fisedit_ray.deployments.masker import MaskGenerator
 
 SESSION_ROUTER = "fisedit_ray.deployments.routing:SessionRouter"
 
@@ -23,8 +24,11 @@ def build_app(args: dict | None = None) -> Application:
     false routes each call to any replica, which then fetches what it lacks), `store_caches`
     (default true: every version goes to the object store; false: a miss always rebuilds, as for a
     plain deployment that keeps no caches), `editor_max_batch` (most sparse edits run as one batch,
-    default 8; 1 turns batching off), `keep_caches` (default true; false: a plain deployment that
-    records no activation caches and serves dense edits only, the serving benchmark's baseline)."""
+    default 8; 1 turns batching off), `editor_batch_wait_s` (how long a batch waits for more edits,
+    default 0.1), `keep_caches` (default true; false: a plain deployment that
+    records no activation caches and serves dense edits only, the serving benchmark's baseline),
+    `masker_replicas` / `masker_cpus` / `masker_gpus` (the mask-generation pool, for edits without a
+    mask; default 1 / 0 / 0)."""
     args = dict(args or {})
     cpus = float(args.get("editor_cpus", 1))
     affinity = _flag(args.get("affinity", True))
@@ -46,13 +50,22 @@ def build_app(args: dict | None = None) -> Application:
         hot_bytes=float(args.get("editor_hot_gib", 4)) * 2**30,
         owner=CacheOwner.bind() if _flag(args.get("store_caches", True)) else None,
         max_batch_size=int(args.get("editor_max_batch", 8)),
+        batch_wait_s=float(args.get("editor_batch_wait_s", 0.1)),
         keep_caches=_flag(args.get("keep_caches", True)),
     )
+    masker_cpus = float(args.get("masker_cpus", 0))
+    masker = serve.deployment(
+        MaskGenerator,
+        num_replicas=int(args.get("masker_replicas", 1)),
+        ray_actor_options={"num_cpus": masker_cpus, "num_gpus": float(args.get("masker_gpus", 0))},
+        max_ongoing_requests=8,
+        health_check_period_s=10,
+    ).bind(model=args.get("model", "scenes"), threads=max(1, int(masker_cpus)))
     return Ingress.options(
         ray_actor_options={"num_cpus": float(args.get("ingress_cpus", 0))},
         max_ongoing_requests=int(args.get("max_ongoing_requests", 32)),
         max_queued_requests=int(args.get("max_queued_requests", 64)),
-    ).bind(editor)
+    ).bind(editor, masker)
 
 
 def _flag(value) -> bool:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import ray
 import torch
 from PIL import Image
 from ray import serve
-from safetensors.torch import load, save
 
 from fisedit_ray.cache import ActivationCache
 from fisedit_ray.engine import Settings, Version
@@ -24,10 +24,7 @@ def png(image: Image.Image) -> bytes:
 
 def version_payload(version: Version) -> dict:
     """A version without its parent: metadata, PNG, latents and mask, and its own cache (a delta
-    for an edit), as bytes and plain values."""
-    tensors = {"latents": version.latents.detach().cpu().contiguous()}
-    if version.mask is not None:
-        tensors["mask"] = version.mask.cpu().to(torch.uint8).contiguous()
+    for an edit), as plain values and numpy arrays (which Ray stores without pickling them)."""
     return {
         "id": version.id,
         "prompt": version.prompt,
@@ -35,21 +32,21 @@ def version_payload(version: Version) -> dict:
         "mode": version.mode,
         "stats": version.stats,
         "image_png": None if version.image is None else png(version.image),
-        "tensors": save(tensors),
-        "cache": version.cache.to_bytes(),
+        "latents": version.latents.detach().cpu().numpy(),
+        "mask": None if version.mask is None else version.mask.cpu().numpy(),
+        "cache": version.cache.to_arrays(),
     }
 
 
 def version_from_payload(payload: dict, parent: Version | None, device: torch.device) -> Version:
-    tensors = load(payload["tensors"])
-    cache = ActivationCache.from_bytes(payload["cache"], parent.cache if parent is not None else None)
+    cache = ActivationCache.from_arrays(payload["cache"], parent.cache if parent is not None else None)
     image = Image.open(io.BytesIO(payload["image_png"])).convert("RGB") if payload["image_png"] else None
-    mask = tensors["mask"].bool() if "mask" in tensors else None
+    mask = None if payload["mask"] is None else torch.from_numpy(np.array(payload["mask"]))
     return Version(
         payload["prompt"],
         Settings(**payload["settings"]),
         payload["mode"],
-        tensors["latents"].to(device),
+        torch.from_numpy(np.array(payload["latents"])).to(device),
         image,
         cache,
         payload["stats"],

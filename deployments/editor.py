@@ -6,7 +6,9 @@ the lineage: the engine is deterministic, so the rebuilt version is the same ima
 rebuilding, it fetches what it can from the cache owner (`cache_owner`): every version a replica
 computes is stored there, in the object store.
 
-Sparse edits whose parent is hot go through a batcher (`@serve.batch`): the edits that arrive
+An edit without a mask gets one from the mask-generation pool (`masker`) on its way here: the ingress
+freezes it into the lineage, with how it was found (`capture`). Sparse edits whose parent is hot go
+through a batcher (`@serve.batch`): the edits that arrive
 together are grouped by step count, guidance and sparsity bucket, and each group runs as one
 `EditEngine.edit_batch` (one sparse pass per step for all of them).
 """
@@ -40,11 +42,15 @@ class Editor:
         hot_bytes: float = 4 * 2**30,
         owner: DeploymentHandle | None = None,
         max_batch_size: int = 8,
+        batch_wait_s: float = 0.1,
         keep_caches: bool = True,
     ):
         self.owner = owner
         self.keep_caches = keep_caches  # False: a plain deployment, which serves dense edits only
         self._sparse_batch.set_max_batch_size(max_batch_size)  # 1: every edit runs alone
+        # a session's next edit arrives a round trip after its last one returned: waiting that
+        # long lets the edits that finished together run together again
+        self._sparse_batch.set_batch_wait_timeout_s(batch_wait_s)
         torch.set_num_threads(threads)  # explicit: results depend on it in their last bits
         self.engine = EditEngine.from_pretrained(model, cache_dtype=cache_dtype)
         self.hot_bytes = hot_bytes  # a budget for the versions' own caches (a generation's is big)
@@ -63,28 +69,22 @@ class Editor:
             if not self.keep_caches and record.get("mode", "dense") != "dense":
                 raise ValueError("this deployment keeps no activation caches: it serves dense edits only")
             parent = self._hot(session_id, lineage[-2]["id"]) if len(lineage) > 1 else None
-            if parent is not None and record["mode"] == "sparse":
-                # refused here, alone, not in a batch; an automatic mask is found here too, so that
-                # the batcher groups edits by the sparsity they will run at
-                self.engine.check_prompt(record["prompt"])
-                mask, found = self._latent_mask(parent, record), None
-                if mask is None:
-                    mask, found = self.engine.find_mask(parent, record["prompt"])
+            mask = None if parent is None else self._latent_mask(parent, record)
+            if mask is not None and record["mode"] == "sparse":
+                self.engine.check_prompt(record["prompt"])  # refused here, alone, not in a batch
                 version = await self._sparse_batch(parent, record, mask)
-                if found is not None:
-                    version.stats |= found
-                    version.stats["macs_executed"] += found["capture_macs"]
                 fetched, rebuilt = [], []
             else:
                 fetched, rebuilt, version = await self._materialise(session_id, lineage)
         except ValueError as e:
             return {"error": str(e)}
+        _add_capture(version.stats, record.get("capture"))
         self._keep(session_id, version)
         if self.owner is not None:
             await self.owner.put.remote(session_id, version.id, version_payload(version))
         return self._result(version, fetched, rebuilt)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch
     async def _sparse_batch(self, parents: list, records: list, masks: list) -> list[Version]:
         groups = defaultdict(list)
         for i, (parent, mask) in enumerate(zip(parents, masks, strict=True)):
@@ -201,3 +201,14 @@ class Editor:
         while held > self.hot_bytes and len(self.hot) > 1:
             _, evicted = self.hot.popitem(last=False)
             held -= evicted.stats["cache_bytes"]["total"]
+
+
+def _add_capture(stats: dict, capture: dict | None) -> None:
+    """Count the mask generator's work (`capture`: its stats of the edit's mask) in the edit's stats,
+    as the engine counts a mask it finds itself."""
+    if capture is None:
+        return
+    stats |= {k: capture[k] for k in ("capture_steps", "capture_macs", "mask_source")}
+    stats["macs_executed"] += capture["capture_macs"]
+    stats["seconds"] = {**stats["seconds"], "mask": capture["capture_seconds"]}
+    stats["seconds"]["total"] += capture["capture_seconds"]

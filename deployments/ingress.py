@@ -1,4 +1,5 @@
-"""The HTTP ingress: sessions, tokens, validation, images; edits go to the editor pool.
+"""The HTTP ingress: sessions, tokens, validation, images; edits without a mask get one from the
+mask-generation pool, then every edit goes to the editor pool.
 
 Every session call needs the session's token (`Authorization: Bearer <token>`); an unknown session
 or another session's token gets 404, so ids cannot be probed. A session's calls reach its editor
@@ -48,8 +49,9 @@ def _new_id() -> str:
 )
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, editor: DeploymentHandle):
+    def __init__(self, editor: DeploymentHandle, masker: DeploymentHandle):
         self.editor = editor
+        self.masker = masker
         self.sessions: dict[str, SessionRecord] = {}
         self.metrics = ServiceMetrics()
 
@@ -68,6 +70,13 @@ class Ingress:
         if version is None:
             raise HTTPException(404, f"session {session_id!r} has no version {version_id!r}")
         return version
+
+    async def _find_mask(self, lineage: list[dict]) -> tuple[bytes, dict]:
+        """The mask generator's mask for the last edit of `lineage` (PNG) and how it was found."""
+        result = await self.masker.find.remote(lineage)
+        if "error" in result:
+            raise HTTPException(400, result["error"])
+        return result["mask_png"], result["stats"]
 
     async def _run(self, session_id: str, lineage: list[dict]) -> dict:
         result = await self.editor.options(session_id=session_id).run.remote(session_id, lineage)
@@ -123,10 +132,12 @@ class Ingress:
         new_id = _new_id()
         step = {"id": new_id, "prompt": body.prompt, "mask_png": body.mask_bytes(), "mode": body.mode}
         lineage = [*parent.lineage, step]
+        if step["mask_png"] is None and body.mode != "dense":  # frozen: a rebuild reproduces the edit
+            step["mask_png"], step["capture"] = await self._find_mask(lineage)
         result = await self._run(session_id, lineage)
         if session_id not in self.sessions:  # deleted while the edit ran
             raise HTTPException(404, f"session {session_id!r} was deleted")
-        step["mask_png"] = result["mask_png"]  # a found mask is frozen: a rebuild reproduces the edit
+        step["mask_png"] = result["mask_png"]  # a dense edit's: the whole image
         record = VersionRecord(
             lineage, version_id, body.prompt, result["image_png"], result["mask_png"], result["stats"]
         )

@@ -28,15 +28,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, load_file, save, save_file
+from safetensors.torch import load_file, save_file
 
-from fisedit_ray.kernels.gather import scatter_rows
 from fisedit_ray.kernels.group_norm import (
     cell_sums,
     gather_norm_act,
-    group_norm_act,
     group_stats,
     group_sums,
     norm_scale_shift,
@@ -87,6 +86,8 @@ class ActivationCache:
     parent: ActivationCache | None = None
     cells: tuple[torch.Tensor, ...] | None = None
     _rank: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+    _owners: dict = field(default_factory=dict, repr=False)  # see `owners`
+    _norm_affine: dict = field(default_factory=dict, repr=False)  # see `CacheReader._norm_affine`
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -104,6 +105,11 @@ class ActivationCache:
     @property
     def is_delta(self) -> bool:
         return self.parent is not None
+
+    @property
+    def depth(self) -> int:
+        """How many caches this one is a delta over (0 for a generation's)."""
+        return 0 if self.parent is None else self.parent.depth + 1
 
     @property
     def num_steps(self) -> int:
@@ -127,7 +133,7 @@ class ActivationCache:
     @staticmethod
     def decode(payload: torch.Tensor, scale: torch.Tensor | None, dtype=torch.float32) -> torch.Tensor:
         if scale is None:
-            return payload.to(dtype)
+            return payload if payload.dtype == dtype else payload.to(dtype)
         return (payload.float() * scale.float()).to(dtype)
 
     def put(
@@ -160,8 +166,25 @@ class ActivationCache:
             self._rank = tuple(ranks)
         return self._rank[level]
 
-    def reader(self, step: int, device: torch.device | str = "cpu", dtype=torch.float32) -> CacheReader:
-        return CacheReader(self, step, torch.device(device), dtype)
+    def owners(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For every cell of `level`: which cache of the delta chain (0: the root, ..., this one)
+        computed it last, and its row there. Read once instead of walking the chain per gather."""
+        if level not in self._owners:
+            if self.parent is None:
+                cells = self.sizes[level][0] * self.sizes[level][1]
+                owner, row = torch.zeros(cells, dtype=torch.long), torch.arange(cells)
+            else:
+                owner, row = self.parent.owners(level)
+                rank = self.rank(level)
+                owner = torch.where(rank >= 0, self.depth, owner)
+                row = torch.where(rank >= 0, rank, row)
+            self._owners[level] = (owner, row)
+        return self._owners[level]
+
+    def reader(
+        self, step: int, device: torch.device | str = "cpu", dtype=torch.float32, splits: dict | None = None
+    ) -> CacheReader:
+        return CacheReader(self, step, torch.device(device), dtype, splits)
 
     # ---- byte accounting ----------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -219,24 +242,30 @@ class ActivationCache:
             save_file(step, folder / f"step{i:04d}.safetensors")
         (folder / "cache.json").write_text(json.dumps(self._meta(), indent=1))
 
-    def to_bytes(self) -> bytes:
-        """The whole cache (a delta: its own part only) as one safetensors blob."""
-        tensors = {k: v.contiguous() for k, v in self.tensors().items()}
-        return save({k: v.cpu() for k, v in tensors.items()}, metadata={"cache": json.dumps(self._meta())})
+    def to_arrays(self) -> dict:
+        """The whole cache (a delta: its own part only) as plain metadata and numpy arrays, which the
+        Ray object store moves without serialising them (out-of-band buffers). bfloat16, which numpy
+        lacks, travels as int16 bits."""
+        tensors = {k: t.detach().cpu().contiguous() for k, t in self.tensors().items()}
+        bf16 = {k for k, t in tensors.items() if t.dtype == torch.bfloat16}
+        arrays = {k: (t.view(torch.int16) if k in bf16 else t).numpy() for k, t in tensors.items()}
+        return {"meta": self._meta(), "arrays": arrays, "bfloat16": sorted(bf16)}
 
     @classmethod
-    def from_bytes(cls, data: bytes, parent: ActivationCache | None = None) -> ActivationCache:
+    def from_arrays(cls, payload: dict, parent: ActivationCache | None = None) -> ActivationCache:
+        """The cache `to_arrays` gave; its arrays are copied (an object store's are read-only)."""
         try:
-            meta = json.loads(_safetensors_metadata(data)["cache"])
-            tensors = load(data)
-        except (KeyError, ValueError, SafetensorError) as e:  # ValueError: bad JSON or UTF-8
-            raise ValueError(f"cannot read the activation cache: {e}") from e
+            meta, arrays, bf16 = payload["meta"], payload["arrays"], set(payload["bfloat16"])
+            tensors = {k: torch.from_numpy(np.array(a)) for k, a in arrays.items()}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"cannot read the activation cache: {e!r}") from e
+        tensors = {k: t.view(torch.bfloat16) if k in bf16 else t for k, t in tensors.items()}
         steps: list[dict[str, torch.Tensor]] = [{} for _ in range(meta["num_steps"])]
         for name, t in tensors.items():
             if name.startswith("step"):
                 step, key = name.split("/", 1)
                 steps[int(step.removeprefix("step"))][key] = t
-        return cls._from_parts(meta, tensors, steps, parent, "the given bytes")
+        return cls._from_parts(meta, tensors, steps, parent, "the given arrays")
 
     @classmethod
     def load(cls, folder: str | Path, parent: ActivationCache | None = None) -> ActivationCache:
@@ -279,27 +308,33 @@ class ActivationCache:
             raise ValueError(f"cannot load the activation cache {where}: {e} is missing") from e
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The metadata of a safetensors blob (its JSON header's `__metadata__`)."""
-    size = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + size]).get("__metadata__", {})
-
-
 class CacheReader:
     """A version's cached values at one step, in compute dtype and device, through its delta chain."""
 
-    def __init__(self, cache: ActivationCache, step: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        cache: ActivationCache,
+        step: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        splits: dict | None = None,
+    ):
+        """`splits`: a memo of which chain member holds which cells (`_split`), shared by the
+        readers of one edit's steps (the caller's: it must not outlive the cells it was asked for)."""
         self.cache, self.step, self.device, self.dtype = cache, step, device, dtype
         self.parent = cache.parent.reader(step, device, dtype) if cache.parent is not None else None
+        self.chain = [self] if self.parent is None else [*self.parent.chain, self]  # the root's first
+        self.splits = {} if splits is None else splits
 
     def _stored(self, key: str, rows: torch.Tensor | None = None) -> torch.Tensor:
         """This version's own stored rows of `key`, decoded (per-cell sums stay float32)."""
         step = self.cache.steps[self.step]
         payload, scale = step[key], step.get(key + SCALE)
         if rows is not None:
-            rows = rows.to(payload.device)
+            rows = rows if rows.device == payload.device else rows.to(payload.device)
             payload, scale = payload[:, rows], None if scale is None else scale[:, rows]
-        payload = payload.to(self.device, non_blocking=True)
+        if payload.device != self.device:
+            payload = payload.to(self.device, non_blocking=True)
         if self.cache.kinds[key] == NORM_CELL_SUMS:
             return payload
         if scale is not None:
@@ -316,14 +351,7 @@ class CacheReader:
 
     def gather(self, key: str, cells: torch.Tensor) -> torch.Tensor:
         """Values at `cells` (flat indices of the key's level): `[B, len(cells), C]`."""
-        if self.parent is None:
-            return self._stored(key, cells)
-        values = self.parent.gather(key, cells)
-        rank = self.cache.rank(self.cache.levels[key])[cells.cpu()]
-        own = rank >= 0
-        if own.any():
-            values[:, own.to(self.device)] = self._stored(key, rank[own])
-        return values
+        return self._from_owners(key, cells, lambda reader, rows: reader._stored(key, rows))
 
     def gather_normalized(self, key: str, cells: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool):
         """The output of group norm `norm` (+ SiLU) at `cells`, as this version computed it.
@@ -332,27 +360,64 @@ class CacheReader:
         recomputed it: outside an edit's mask its norm output is its parent's, not a renormalisation
         of the parent's input under the edit's statistics.
         """
+        return self._from_owners(key, cells, lambda reader, rows: reader._normalize(key, rows, norm, silu))
+
+    def _from_owners(self, key: str, cells: torch.Tensor, read) -> torch.Tensor:
+        """`read(reader, rows)` of the chain's caches, each for the `cells` it computed last, in the
+        order of `cells`: one read per cache that holds some of them."""
         if self.parent is None:
-            return self._normalize(key, cells, norm, silu)
-        values = self.parent.gather_normalized(key, cells, norm, silu)
-        rank = self.cache.rank(self.cache.levels[key])[cells.cpu()]
-        own = rank >= 0
-        if own.any():
-            values[:, own.to(self.device)] = self._normalize(key, rank[own], norm, silu)
-        return values
+            return read(self, cells)
+        split = self._split(self.cache.levels[key], cells)
+        if len(split) == 1:
+            return read(self.chain[split[0][0]], split[0][1])
+        out = None
+        for member, rows, at in split:
+            values = read(self.chain[member], rows)
+            if out is None:
+                out = values.new_empty(values.shape[0], len(cells), values.shape[2])
+            out[:, at] = values
+        return out
+
+    def _split(self, level: int, cells: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """`(chain member, its rows, positions in cells)` for each member that computed some of
+        `cells` last. The same at every step of an edit (its gather plans are): kept in `splits`."""
+        memo = (level, id(cells))
+        held = self.splits.get(memo)
+        if held is not None and held[0] is cells:
+            return held[1]
+        owner, row = self.cache.owners(level)
+        who, rows = owner[cells.cpu()], row[cells.cpu()]
+        present = [m for m, n in enumerate(torch.bincount(who, minlength=len(self.chain)).tolist()) if n]
+        split = []
+        for member in present:
+            at = (who == member).nonzero().squeeze(1)
+            split.append((member, rows[at], at.to(self.device)))
+        self.splits[memo] = (cells, split)  # holding `cells`: its id stays its own
+        return split
 
     def _normalize(self, key: str, rows: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool):
         step = self.cache.steps[self.step]
-        h, w = self.cache.sizes[self.cache.levels[key]]
-        channels = norm.num_channels
-        mean, rstd = group_stats(self.stats(key), h * w * channels // norm.num_groups, norm.eps)
+        scale, shift = self._norm_affine(key, norm)
         payload = step[key]
         if payload.device == self.device and key not in self.cache.skips:
             # gather, decode, normalise and activate in one pass (one kernel on a GPU)
-            scale, shift = norm_scale_shift(mean, rstd, norm.weight, norm.bias, channels, self.dtype)
             x_scale = step.get(key + SCALE)
             return gather_norm_act(payload, rows.to(self.device), scale, shift, silu, x_scale, self.dtype)
-        return group_norm_act(self._stored(key, rows), mean, rstd, norm.weight, norm.bias, silu)
+        return gather_norm_act(self._stored(key, rows), None, scale, shift, silu)
+
+    def _norm_affine(self, key: str, norm: torch.nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """`norm`'s per-channel scale and shift under this version's statistics at this step. Kept
+        with the cache: every later edit over this version reads them again at every step (a
+        cache is read with the weights that recorded it)."""
+        memo = (self.step, key, self.dtype, self.device)
+        affine = self.cache._norm_affine.get(memo)
+        if affine is None:
+            h, w = self.cache.sizes[self.cache.levels[key]]
+            channels = norm.num_channels
+            mean, rstd = group_stats(self.stats(key), h * w * channels // norm.num_groups, norm.eps)
+            affine = norm_scale_shift(mean, rstd, norm.weight, norm.bias, channels, self.dtype)
+            self.cache._norm_affine[memo] = affine
+        return affine
 
     def full(self, key: str) -> torch.Tensor:
         """The whole map `[B, cells, C]` (a fresh tensor the caller may modify)."""
@@ -360,8 +425,10 @@ class CacheReader:
             return self._stored(key).clone()
         if self._inherits(key):
             return self.parent.full(key)
+        values = self.parent.full(key)  # fresh: this version's rows go in in place
         cells = self.cache.cells[self.cache.levels[key]].to(self.device)
-        return scatter_rows(self.parent.full(key), cells, self._stored(key))
+        values[:, cells] = self._stored(key).to(values.dtype)
+        return values
 
     def stats(self, key: str) -> torch.Tensor:
         if self._inherits(key):

@@ -115,6 +115,7 @@ class _SparseJob:
     macs: int | None = 0
     output: torch.Tensor | None = None
     text_kv: dict = field(default_factory=dict)  # the lane's cross-attention keys/values, all steps
+    splits: dict = field(default_factory=dict)  # where the parent's chain keeps each gathered cell
 
     def cell_counts(self) -> tuple[int, ...]:
         return tuple(len(cells) for cells in self.plans.pyramid.cells)
@@ -128,7 +129,7 @@ class _SparseJob:
         t = self.run.scheduler.timesteps[i]
         self.cache.latents.append(self.run.latents)
         self.record = {}
-        reader = self.parent.cache.reader(i, engine.device, engine.dtype)
+        reader = self.parent.cache.reader(i, engine.device, engine.dtype, self.splits)
         x = engine._model_input(self.run, t)
         self.lane = Lane(x, t, self.run.embeds, reader, self.plans, self.record, self.cache, self.text_kv)
 
@@ -227,7 +228,7 @@ class EditEngine:
         """A new image; `record=False` keeps no activation cache (a plain generation, which can be
         edited only in "dense" mode)."""
         _check_output_type(output_type)
-        settings = self._settings(seed, num_inference_steps, guidance_scale, height, width, negative_prompt)
+        settings = self.settings(seed, num_inference_steps, guidance_scale, height, width, negative_prompt)
         phases = _Phases()
         with phases("text_encode"):
             embeds = self._encode(prompt, settings)
@@ -307,6 +308,37 @@ class EditEngine:
 
     @_one_at_a_time
     @torch.no_grad()
+    def find_mask_uncached(
+        self,
+        settings: Settings,
+        parent_prompt: str,
+        parent_mode: str,
+        prompt: str,
+        *,
+        capture: CaptureConfig | None = None,
+    ) -> tuple[torch.Tensor, dict]:
+        """`find_mask` for a parent known only by its settings, prompt and mode ("generate" or an
+        edit's mode): the same mask, bit for bit, for a mask-generation pool that holds no caches.
+        The first steps of a dense-computed parent, which `find_mask` reads from its cache, are
+        recomputed here (alone, as generated: the same bits), at the price of k more dense steps."""
+        _check_edit_prompt(prompt)
+        config = capture or CaptureConfig()
+        size = self.latent_size(settings)
+        if self._same_tokens(prompt, parent_prompt):
+            empty = {"mask_source": "capture", "capture_steps": 0, "capture_macs": 0}
+            return torch.zeros(size, dtype=torch.bool), empty
+        embeds = self._encode(prompt, settings)
+        old_embeds = self._encode(parent_prompt, settings)
+        before = None
+        if not _sparse_computed(parent_mode):
+            (before,) = self._probe([_spec(old_embeds, None)], settings, config.dense_steps, None)
+        mask, found = self._capture(settings, parent_prompt, old_embeds, before, prompt, embeds, config)
+        if before is not None:
+            found["capture_macs"] *= 2  # the parent's recomputed steps cost as much as the probe's
+        return mask, {**found, "mask_source": "capture"}
+
+    @_one_at_a_time
+    @torch.no_grad()
     def edit_batch(
         self,
         requests: list[tuple[Version, str, MaskLike | None]],
@@ -378,35 +410,46 @@ class EditEngine:
         if self._same_tokens(prompt, parent.prompt):
             captured = torch.zeros(size, dtype=torch.bool)
         else:
-            captured, found = self._capture(parent, prompt, embeds, config)
+            edited = _sparse_computed(parent.mode)
+            old_embeds = (
+                self._encode(parent.prompt, parent.settings) if edited or config.cross_attention else None
+            )
+            before = None if edited else parent.cache.latents[1 : config.dense_steps + 1]
+            captured, found = self._capture(
+                parent.settings, parent.prompt, old_embeds, before, prompt, embeds, config
+            )
         if user is None:
             return captured, {**found, "mask_source": "capture"}
         return combine_masks(user, captured, config.combine), {**found, "mask_source": config.combine}
 
     def _capture(
-        self, parent: Version, prompt: str, embeds: torch.Tensor, config: CaptureConfig
+        self,
+        settings: Settings,
+        parent_prompt: str,
+        old_embeds: torch.Tensor | None,
+        before: list[torch.Tensor] | None,
+        prompt: str,
+        embeds: torch.Tensor,
+        config: CaptureConfig,
     ) -> tuple[torch.Tensor, dict]:
         """Target Area Capture (see `fisedit_ray.capture`): k dense steps with the new prompt from the
-        parent's initial noise, compared with the same steps of the parent's prompt: the parent's
-        cached latents for a dense-computed parent, else a dense run of its prompt alongside (an
-        edited parent's latents differ from its prompt's dense run inside its own edits, which this
-        edit must not undo)."""
-        settings = parent.settings
+        parent's initial noise, compared with the same steps of the parent's prompt: `before`, a
+        dense-computed parent's latents after each of them, else a dense run of its prompt
+        alongside (an edited parent's latents differ from its prompt's dense run inside its own
+        edits, which this edit must not undo). `old_embeds`: the parent prompt's embeddings, needed
+        for that run and for cross-attention."""
         k = config.dense_steps
         if k > settings.num_inference_steps:
             raise ValueError(
                 f"capture needs {k} dense steps but the parent has {settings.num_inference_steps} steps"
             )
-        probe_old = parent.mode not in ("generate", "dense")
-        if probe_old or config.cross_attention > 0:
-            old_embeds = self._encode(parent.prompt, settings)
-        runs = [_spec(old_embeds, None), _spec(embeds, None)] if probe_old else [_spec(embeds, None)]
+        runs = [_spec(embeds, None)] if before is not None else [_spec(old_embeds, None), _spec(embeds, None)]
         maps = None
         if config.cross_attention > 0:
             words = {i: w for w, i in self.pipe.tokenizer.get_vocab().items()}
             for special in self.pipe.tokenizer.all_special_ids:
                 words.pop(special, None)
-            change = changed_tokens(self._token_ids(parent.prompt), self._token_ids(prompt), words)
+            change = changed_tokens(self._token_ids(parent_prompt), self._token_ids(prompt), words)
             sizes = self.sparse_unet.level_sizes(self.latent_size(settings))
             maps = CrossAttentionMaps(self.pipe.unet, sizes, attention_queries(embeds, old_embeds, change))
         try:
@@ -414,16 +457,26 @@ class EditEngine:
         finally:
             if maps is not None:
                 maps.remove()
-        before = trajectories[0] if probe_old else parent.cache.latents[1 : k + 1]
-        score = latent_difference(trajectories[-1], before)
+        score = latent_difference(trajectories[-1], before if before is not None else trajectories[0])
         if maps is not None:
             w = config.cross_attention
             score = score * ((1 - w) + w * maps.score().to(score.device))
-        per_step = parent.stats.get("unet_macs_per_step", 0)
         return capture_mask(score.cpu(), config), {
             "capture_steps": k,
-            "capture_macs": per_step * k * len(runs),
+            "capture_macs": self._dense_step_macs(settings, embeds) * k * len(runs),
         }
+
+    def _dense_step_macs(self, settings: Settings, embeds: torch.Tensor) -> int:
+        """MACs of one dense U-Net pass (guidance included) at these settings: counted once per shape."""
+        size = self.latent_size(settings)
+        channels = self.pipe.unet.config.in_channels
+        x = torch.zeros(embeds.shape[0], channels, *size, dtype=embeds.dtype, device=self.device)
+        shapes = (tuple(x.shape), tuple(embeds.shape))
+        if shapes not in self._dense_macs:
+            t = torch.tensor(0, device=self.device)
+            forward = partial(self.pipe.unet, x, t, encoder_hidden_states=embeds, return_dict=False)
+            _, self._dense_macs[shapes] = count_macs(forward)
+        return self._dense_macs[shapes]
 
     def _probe(
         self, specs: list[dict], settings: Settings, k: int, maps: CrossAttentionMaps | None
@@ -459,7 +512,16 @@ class EditEngine:
             image = _composite(image, parent.image, latent_mask, self.vae_scale)
         return image
 
-    def _settings(self, seed, steps, guidance, height, width, negative_prompt) -> Settings:
+    def settings(
+        self,
+        seed: int,
+        steps: int,
+        guidance: float,
+        height: int | None = None,
+        width: int | None = None,
+        negative_prompt: str | None = None,
+    ) -> Settings:
+        """What `generate` fixes for a version and its edits (None: the model's default size)."""
         default = self.pipe.unet.config.sample_size * self.vae_scale
         height, width = height or default, width or default
         for name, value in (("height", height), ("width", width)):
@@ -636,6 +698,13 @@ class EditEngine:
         vae = self.pipe.vae
         image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+
+def _sparse_computed(mode: str) -> bool:
+    """Whether a version of `mode` is an edit inside a mask (not a dense run of its prompt)."""
+    if mode not in ("generate", *MODES):
+        raise ValueError(f"a version's mode is 'generate' or one of {MODES}, got {mode!r}")
+    return mode not in ("generate", "dense")
 
 
 def _check_cached(parent: Version) -> None:

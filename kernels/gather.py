@@ -1,4 +1,4 @@
-"""Index plans for gathering conv neighbourhoods of active cells, and row scatter."""
+"""Index plans for gathering conv neighbourhoods of active cells."""
 
 from __future__ import annotations
 
@@ -46,10 +46,3 @@ def gather_plan(positions: torch.Tensor, source_rank: torch.Tensor) -> tuple[tor
     index[valid & ~is_halo] = rank[valid & ~is_halo]
     index[is_halo] = n_active + halo_rank
     return index, halo_cells
-
-
-def scatter_rows(base: torch.Tensor, cells: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """`base` `[B, L, C]` with rows `cells` replaced by `values` `[B, N, C]` (out of place)."""
-    out = base.clone()
-    out[:, cells] = values.to(out.dtype)
-    return out

@@ -170,6 +170,24 @@ def test_a_chained_automatic_edit_equals_the_reference(engine, parent):
     assert torch.equal(second.latents[..., outside], first.latents[..., outside])
 
 
+@pytest.mark.parametrize("config", [LOCAL, replace(LOCAL, dense_steps=2, cross_attention=0.5)])
+def test_a_mask_found_without_the_cache_is_the_same_mask(engine, parent, config):
+    """What the mask-generation pool computes from a parent's settings and prompt alone."""
+    first = engine.edit(parent, EDIT, capture=LOCAL, output_type="latent")
+    dense = engine.edit(parent, EDIT, mode="dense", output_type="latent")
+    cases = [(parent, EDIT), (first, EDIT + " on a gray background"), (dense, PROMPT), (parent, PROMPT)]
+    for version, prompt in cases:
+        cached, how = engine.find_mask(version, prompt, capture=config)
+        uncached, how_uncached = engine.find_mask_uncached(
+            version.settings, version.prompt, version.mode, prompt, capture=config
+        )
+        assert torch.equal(uncached, cached)
+        assert how_uncached["capture_steps"] == how["capture_steps"]
+        # a dense-computed parent's first steps are recomputed; an edit's prompt is probed either way
+        extra = 2 if version.mode in ("generate", "dense") and how["capture_steps"] else 1
+        assert how_uncached["capture_macs"] == extra * how["capture_macs"]
+
+
 def test_a_user_mask_wins_or_combines(engine, parent):
     user = torch.zeros(16, 16, dtype=torch.bool)
     user[:4, :4] = True

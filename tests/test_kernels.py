@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from fisedit_ray.kernels.attention import active_query_attention
 from fisedit_ray.kernels.conv import conv_matrix, sparse_conv2d
-from fisedit_ray.kernels.gather import conv_input_positions, gather_plan, scatter_rows
+from fisedit_ray.kernels.gather import conv_input_positions, gather_plan
 from fisedit_ray.kernels.group_norm import group_norm_act, group_stats, group_sums
 from fisedit_ray.masks import blob_mask
 
@@ -70,13 +70,6 @@ def test_active_query_attention_equals_full_attention_rows():
     )
     rows = torch.tensor([0, 3, 7, 19])
     torch.testing.assert_close(active_query_attention(q[:, rows], k, v, heads=4), full[:, rows])
-
-
-def test_scatter_rows_is_out_of_place():
-    base = torch.zeros(1, 5, 2)
-    out = scatter_rows(base, torch.tensor([1, 4]), torch.ones(1, 2, 2))
-    assert base.abs().sum() == 0
-    assert out[0, :, 0].tolist() == [0, 1, 0, 0, 1]
 
 
 def test_gather_plan_addresses_active_halo_and_padding():
