@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
+from diffusers.models.activations import GEGLU
 from torch import nn
 
 from fisedit_ray.cache import STATS, ActivationCache, CacheReader
@@ -33,6 +34,7 @@ from fisedit_ray.kernels.group_norm import (
     segment_norm_act,
     segment_sums,
 )
+from fisedit_ray.kernels.linear import linear
 from fisedit_ray.masks import MaskPyramid
 from fisedit_ray.unet_layout import NORM_CELL_SUMS, level_sizes, tokens, validate_unet
 
@@ -238,7 +240,7 @@ class _Run:
         out_level = x.level if out_level is None else out_level
         if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and not upsampled:
             w = conv.weight.reshape(conv.out_channels, conv.in_channels)
-            return Active(F.linear(x.values, w, conv.bias), out_level)
+            return Active(linear(x.values, w, conv.bias), out_level)
         plans = [lane.plans.conv(conv, x.level, out_level, upsampled) for lane in self.lanes]
         halos = [halo_of(j, cells).to(x.values.dtype) for j, (_, cells) in enumerate(plans) if len(cells)]
         halo = _cat(halos) if halos else x.values[:, :0]
@@ -303,7 +305,7 @@ class _Run:
         y, halo = self.norm_act(resnet.norm1, f"{name}.norm1", x, silu=True)
         h = self.conv(resnet.conv1, Active(y, x.level), halo)
         if resnet.time_emb_proj is not None:
-            temb = resnet.time_emb_proj(self.temb_act)
+            temb = dense(resnet.time_emb_proj, self.temb_act)
             temb = temb.view(len(self.lanes), -1, temb.shape[-1]).transpose(0, 1)  # [B, lanes, C]
             rows = temb if len(self.lanes) == 1 else temb[:, self.segment(h.level)]  # [B, 1 or N, C]
             h = Active(h.values + rows, h.level)
@@ -327,7 +329,7 @@ class _Run:
         name = self.names[block]
         attn = block.attn1
         n = block.norm1(h)
-        q, k, v = attn.to_q(n), attn.to_k(n), attn.to_v(n)
+        q, k, v = dense(attn.to_q, n), dense(attn.to_k, n), dense(attn.to_v, n)
         counts = self.counts(level)
         outs = []
         for lane, q_j, k_j, v_j in zip(self.lanes, *(t.split(counts, dim=1) for t in (q, k, v)), strict=True):
@@ -339,21 +341,21 @@ class _Run:
                 lane.store.put(lane.record, f"{name}.attn1.to_k", k_j)
                 lane.store.put(lane.record, f"{name}.attn1.to_v", v_j)
             outs.append(active_query_attention(q_j, keys, values, attn.heads))
-        h = attn.to_out[1](attn.to_out[0](torch.cat(outs, dim=1))) + h
+        h = attn.to_out[1](dense(attn.to_out[0], torch.cat(outs, dim=1))) + h
         if block.attn2 is not None:
             h = self.cross_attention(block.attn2, block.norm2(h), counts) + h
-        return block.ff(block.norm3(h)) + h
+        return feed_forward(block.ff, block.norm3(h)) + h
 
     def cross_attention(self, attn, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """`attn(x, encoder_hidden_states=text)` with each lane's own text."""
-        q = attn.to_q(x)
+        q = dense(attn.to_q, x)
         outs = []
         for lane, q_j in zip(self.lanes, q.split(counts, dim=1), strict=True):
             kv = lane.text_kv.get(attn)
             if kv is None:  # the text is the same at every step: project it once per edit
                 kv = lane.text_kv[attn] = (attn.to_k(lane.text), attn.to_v(lane.text))
             outs.append(active_query_attention(q_j, *kv, attn.heads))
-        return attn.to_out[1](attn.to_out[0](torch.cat(outs, dim=1)))
+        return attn.to_out[1](dense(attn.to_out[0], torch.cat(outs, dim=1)))
 
     def downsample(self, down, x: Active) -> Active:
         key = f"{self.names[down]}.conv"
@@ -372,8 +374,22 @@ class _Run:
     @staticmethod
     def pointwise(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if isinstance(proj, nn.Conv2d):
-            return F.linear(x, proj.weight.reshape(proj.out_channels, proj.in_channels), proj.bias)
-        return proj(x)
+            return linear(x, proj.weight.reshape(proj.out_channels, proj.in_channels), proj.bias)
+        return dense(proj, x)
+
+
+def dense(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)`, turned around for few rows (`kernels.linear`)."""
+    return linear(x, layer.weight, layer.bias)
+
+
+def feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`ff(x)` (dropout is off in eval) with its GEGLU's and output's dense layers through `linear`."""
+    geglu, out = ff.net[0], ff.net[2]
+    if not isinstance(geglu, GEGLU):
+        return ff(x)
+    hidden, gate = linear(x, geglu.proj.weight, geglu.proj.bias).chunk(2, dim=-1)
+    return linear(hidden * geglu.gelu(gate), out.weight, out.bias)
 
 
 def _pass_index(plans: list[tuple[torch.Tensor, torch.Tensor]], active_counts: list[int]) -> torch.Tensor:

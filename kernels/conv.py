@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .linear import linear
+
 
 def conv_matrix(weight: torch.Tensor) -> torch.Tensor:
     """A conv weight `[Cout, Cin, kh, kw]` as the GEMM matrix `[Cout, kh * kw * Cin]`, taps outermost.
@@ -43,5 +45,5 @@ def sparse_conv2d(
     # plain row copy, several times faster on a CPU than along dim 1 of a 3-D one.
     flat = (index.reshape(1, -1) + r * torch.arange(b, device=index.device)[:, None]).reshape(-1)
     patches = rows.reshape(b * r, c).index_select(0, flat).reshape(b * n, taps * c)
-    out = torch.nn.functional.linear(patches, matrix, bias)
+    out = linear(patches, matrix, bias)
     return out.reshape(b, n, -1)

@@ -8,6 +8,7 @@ from fisedit_ray.kernels.attention import active_query_attention
 from fisedit_ray.kernels.conv import conv_matrix, sparse_conv2d
 from fisedit_ray.kernels.gather import conv_input_positions, gather_plan
 from fisedit_ray.kernels.group_norm import group_norm_act, group_stats, group_sums
+from fisedit_ray.kernels.linear import linear
 from fisedit_ray.masks import blob_mask
 
 
@@ -77,3 +78,15 @@ def test_gather_plan_addresses_active_halo_and_padding():
     index, halo = gather_plan(torch.tensor([[1, 0, -1, 3, 2]]), rank)
     assert halo.tolist() == [0, 2]
     assert index.tolist() == [[0, 2, 4, 1, 3]]  # actives 0-1, halos 2-3, zero row 4
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5, 31, 32, 70])  # batch 2: 2 to 140 rows, turned or not
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_turned_for_few_rows_equals_f_linear(rows, with_bias):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, rows, 1032, generator=g)[:, :, :1024]  # not contiguous, as sliced values are
+    weight = torch.randn(1024, 1024, generator=g) / 32  # big enough to be turned
+    bias = torch.randn(1024, generator=g) if with_bias else None
+    out = linear(x, weight, bias)
+    assert out.shape == (2, rows, 1024)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
