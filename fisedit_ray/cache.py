@@ -257,10 +257,10 @@ class ActivationCache:
         try:
             meta, arrays, bf16 = payload["meta"], payload["arrays"], set(payload["bfloat16"])
             tensors = {k: torch.from_numpy(np.array(a)) for k, a in arrays.items()}
+            steps: list[dict[str, torch.Tensor]] = [{} for _ in range(meta["num_steps"])]
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"cannot read the activation cache: {e!r}") from e
         tensors = {k: t.view(torch.bfloat16) if k in bf16 else t for k, t in tensors.items()}
-        steps: list[dict[str, torch.Tensor]] = [{} for _ in range(meta["num_steps"])]
         for name, t in tensors.items():
             if name.startswith("step"):
                 step, key = name.split("/", 1)

@@ -57,6 +57,8 @@ def test_arrays_round_trip_is_exact(engine, parent):
         ActivationCache.from_arrays(edit.cache.to_arrays())
     with pytest.raises(ValueError, match="cannot read the activation cache"):
         ActivationCache.from_arrays({"meta": {}, "arrays": {"a": "garbage"}, "bfloat16": []})
+    with pytest.raises(ValueError, match="cannot read the activation cache"):
+        ActivationCache.from_arrays({"meta": {}, "arrays": {}, "bfloat16": []})
 
 
 def test_byte_count_equals_stored_tensors(engine, parent, tmp_path):
