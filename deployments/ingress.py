@@ -54,6 +54,7 @@ class Ingress:
         self.masker = masker
         self.sessions: dict[str, SessionRecord] = {}
         self.metrics = ServiceMetrics()
+        self._in_flight = 0  # editor calls awaited now: the queue depth this replica sees
 
     # ---- helpers ------------------------------------------------------------------------------
     def _session(self, session_id: str, authorization: str | None) -> SessionRecord:
@@ -79,7 +80,13 @@ class Ingress:
         return result["mask_png"], result["stats"]
 
     async def _run(self, session_id: str, lineage: list[dict]) -> dict:
-        result = await self.editor.options(session_id=session_id).run.remote(session_id, lineage)
+        self._in_flight += 1
+        self.metrics.in_flight.set(self._in_flight)
+        try:
+            result = await self.editor.options(session_id=session_id).run.remote(session_id, lineage)
+        finally:
+            self._in_flight -= 1
+            self.metrics.in_flight.set(self._in_flight)
         if "error" in result:
             raise HTTPException(400, result["error"])
         self.metrics.record("edit" if len(lineage) > 1 else "generate", result["stats"])

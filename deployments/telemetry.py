@@ -28,6 +28,13 @@ class ServiceMetrics:
             ("result",),
         )
         self.sessions = metrics.Gauge("fisedit_sessions", "Open sessions on this ingress replica")
+        self.batch_size = metrics.Histogram(
+            "fisedit_batch_size", "Sparse edits run in one batched pass", [1, 2, 3, 4, 6, 8, 12, 16]
+        )
+        self.in_flight = metrics.Gauge(
+            "fisedit_requests_in_flight",
+            "Generations and edits this ingress replica waits for (queued or running)",
+        )
 
     def record(self, kind: str, stats: dict) -> None:
         for phase, seconds in stats["seconds"].items():
@@ -41,3 +48,5 @@ class ServiceMetrics:
                 self.macs_saved.inc(stats["macs_dense"] - stats["macs_executed"])
             result = "rebuilt" if stats["rebuilt"] else "fetched" if stats["fetched"] else "hit"
             self.cache_lookups.inc(tags={"result": result})
+            if stats["mode"] == "sparse":
+                self.batch_size.observe(stats.get("batch_size", 1))

@@ -245,6 +245,7 @@ def test_health_and_metrics(service):
     body, auth = create(service)
     assert edit(service, body["session_id"], auth, body["version_id"]).status_code == 201
     wanted = ["ray_fisedit_phase_seconds", "ray_fisedit_mask_ratio", "ray_fisedit_cache_lookups_total"]
+    wanted += ["ray_fisedit_batch_size", "ray_fisedit_requests_in_flight"]
     deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
     while time.monotonic() < deadline:
         text = httpx.get(service.metrics_url).text
