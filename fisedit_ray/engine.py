@@ -323,18 +323,8 @@ class EditEngine:
         recomputed here (alone, as generated: the same bits), at the price of k more dense steps."""
         _check_edit_prompt(prompt)
         config = capture or CaptureConfig()
-        size = self.latent_size(settings)
-        if self._same_tokens(prompt, parent_prompt):
-            empty = {"mask_source": "capture", "capture_steps": 0, "capture_macs": 0}
-            return torch.zeros(size, dtype=torch.bool), empty
         embeds = self._encode(prompt, settings)
-        old_embeds = self._encode(parent_prompt, settings)
-        before = None
-        if not _sparse_computed(parent_mode):
-            (before,) = self._probe([_spec(old_embeds, None)], settings, config.dense_steps, None)
-        mask, found = self._capture(settings, parent_prompt, old_embeds, before, prompt, embeds, config)
-        if before is not None:
-            found["capture_macs"] *= 2  # the parent's recomputed steps cost as much as the probe's
+        mask, found = self._find(settings, parent_prompt, parent_mode, None, prompt, embeds, config)
         return mask, {**found, "mask_source": "capture"}
 
     @_one_at_a_time
@@ -407,20 +397,48 @@ class EditEngine:
             return user, found
         if user is None and mode == "dense":  # a regeneration: the whole image is the edit
             return torch.ones(size, dtype=torch.bool), {**found, "mask_source": "full"}
-        if self._same_tokens(prompt, parent.prompt):
-            captured = torch.zeros(size, dtype=torch.bool)
-        else:
-            edited = _sparse_computed(parent.mode)
-            old_embeds = (
-                self._encode(parent.prompt, parent.settings) if edited or config.cross_attention else None
-            )
-            before = None if edited else parent.cache.latents[1 : config.dense_steps + 1]
-            captured, found = self._capture(
-                parent.settings, parent.prompt, old_embeds, before, prompt, embeds, config
-            )
+        cached = parent.cache.latents[1 : config.dense_steps + 1]
+        captured, how = self._find(
+            parent.settings, parent.prompt, parent.mode, cached, prompt, embeds, config
+        )
+        found |= how
         if user is None:
             return captured, {**found, "mask_source": "capture"}
         return combine_masks(user, captured, config.combine), {**found, "mask_source": config.combine}
+
+    def _find(
+        self,
+        settings: Settings,
+        parent_prompt: str,
+        parent_mode: str,
+        cached: list[torch.Tensor] | None,
+        prompt: str,
+        embeds: torch.Tensor,
+        config: CaptureConfig,
+    ) -> tuple[torch.Tensor, dict]:
+        """The captured mask of an edit of a parent known by its settings, prompt and mode, and how
+        it was found (`capture_steps`, `capture_macs`): empty for the same tokens. `cached`: a
+        dense-computed parent's latents after each of the first k steps, from its cache; without
+        them they are recomputed, alone, as generated (the same bits), at k more dense steps."""
+        if self._same_tokens(prompt, parent_prompt):
+            empty = torch.zeros(self.latent_size(settings), dtype=torch.bool)
+            return empty, {"capture_steps": 0, "capture_macs": 0}
+        k = config.dense_steps
+        if k > settings.num_inference_steps:
+            raise ValueError(
+                f"capture needs {k} dense steps but the parent has {settings.num_inference_steps} steps"
+            )
+        edited = _sparse_computed(parent_mode)
+        recompute = not edited and cached is None
+        needs_old = edited or recompute or config.cross_attention > 0
+        old_embeds = self._encode(parent_prompt, settings) if needs_old else None
+        before = None if edited else cached
+        if recompute:
+            (before,) = self._probe([_spec(old_embeds, None)], settings, k, None)
+        mask, found = self._capture(settings, parent_prompt, old_embeds, before, prompt, embeds, config)
+        if recompute:
+            found["capture_macs"] *= 2  # the parent's recomputed steps cost as much as the probe's
+        return mask, found
 
     def _capture(
         self,
@@ -439,10 +457,6 @@ class EditEngine:
         edits, which this edit must not undo). `old_embeds`: the parent prompt's embeddings, needed
         for that run and for cross-attention."""
         k = config.dense_steps
-        if k > settings.num_inference_steps:
-            raise ValueError(
-                f"capture needs {k} dense steps but the parent has {settings.num_inference_steps} steps"
-            )
         runs = [_spec(embeds, None)] if before is not None else [_spec(old_embeds, None), _spec(embeds, None)]
         maps = None
         if config.cross_attention > 0:

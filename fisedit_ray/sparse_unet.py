@@ -239,8 +239,7 @@ class _Run:
         rows of the concatenated active values and halos."""
         out_level = x.level if out_level is None else out_level
         if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and not upsampled:
-            w = conv.weight.reshape(conv.out_channels, conv.in_channels)
-            return Active(linear(x.values, w, conv.bias), out_level)
+            return Active(self.pointwise(conv, x.values), out_level)
         plans = [lane.plans.conv(conv, x.level, out_level, upsampled) for lane in self.lanes]
         halos = [halo_of(j, cells).to(x.values.dtype) for j, (_, cells) in enumerate(plans) if len(cells)]
         halo = _cat(halos) if halos else x.values[:, :0]

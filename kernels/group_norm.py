@@ -93,19 +93,6 @@ def gather_norm_act(
     return torch.nn.functional.silu(y) if silu else y
 
 
-def group_norm_act(
-    x: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    silu: bool,
-) -> torch.Tensor:
-    """Normalise `x` `[B, N, C]` with per-group `mean`/`rstd` `[B, G]`, affine, optional SiLU."""
-    scale, shift = norm_scale_shift(mean, rstd, weight, bias, x.shape[-1], x.dtype)
-    return gather_norm_act(x, None, scale, shift, silu)
-
-
 def segment_norm_act(
     x: torch.Tensor, segment: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool
 ) -> torch.Tensor:
