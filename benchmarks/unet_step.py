@@ -25,12 +25,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from sd_shapes import SD15_UNET
 from torch import nn
 
 from fisedit_ray.cache import ActivationCache, CacheRecorder
+from fisedit_ray.kernels.linear import linear
 from fisedit_ray.macs import count_macs
 from fisedit_ray.masks import MaskPyramid, blob_mask
 from fisedit_ray.sparse_unet import GatherPlans, SparseUNet
@@ -149,21 +149,15 @@ def main() -> None:
 
 
 def weight_stream_seconds(sparse_unet: SparseUNet, sample: torch.Tensor, repeats: int) -> float:
-    """Median time of one GEMM per weight matrix (linears, 1x1 convs, k x k convs laid out by
-    `conv_matrix`, as the sparse pass reads them) over the rows of one cell in a guidance batch."""
-    matrices = []
-    for module in sparse_unet.unet.modules():
-        if isinstance(module, nn.Linear):
-            matrices.append(module.weight)
-        elif isinstance(module, nn.Conv2d):
-            pointwise = module.kernel_size == (1, 1)
-            matrices.append(module.weight if pointwise else sparse_unet.conv_matrix(module))
-    matrices = [w.reshape(w.shape[0], -1) for w in matrices]
-    rows = [torch.randn(sample.shape[0], w.shape[1]).to(w) for w in matrices]
+    """Median time of one GEMM per weight matrix (linears, 1x1 convs, k x k convs, prepared as the
+    sparse pass reads them) over the rows of one cell in a guidance batch."""
+    layers = [m for m in sparse_unet.unet.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    weights = [sparse_unet.gemm_weight(m) for m in layers]
+    rows = [torch.randn(sample.shape[0], m.weight[0].numel()).to(m.weight) for m in layers]
 
     def stream():
-        for x, w in zip(rows, matrices, strict=True):
-            F.linear(x, w)
+        for x, w in zip(rows, weights, strict=True):
+            linear(x, w)
 
     return median_seconds(stream, repeats)
 

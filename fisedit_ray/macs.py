@@ -18,7 +18,18 @@ def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> 
     return 2 * b * h * lq * lk * (d + dv)
 
 
+def _packed_linear_flops(x, weight, *args, out_shape=None, **kwargs) -> int:
+    # oneDNN's GEMM over a packed weight (`kernels.linear`), unknown to the counter: the weight's
+    # packed shape is not [N, K], so count from the input's rows and width and the output's width.
+    rows_by_width = 1
+    for d in x:
+        rows_by_width *= d
+    return 2 * rows_by_width * out_shape[-1]
+
+
 _CUSTOM = {}
+if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    _CUSTOM[torch.ops.mkldnn._linear_pointwise] = _packed_linear_flops
 if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _CUSTOM[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_attention_flops
 

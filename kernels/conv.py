@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .linear import linear
+from .linear import GemmWeight, linear
 
 
 def conv_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -25,19 +25,20 @@ def sparse_conv2d(
     active: torch.Tensor,
     halo: torch.Tensor,
     index: torch.Tensor,
-    matrix: torch.Tensor,
+    matrix: GemmWeight,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """Convolution outputs at the cells described by `index` (see `gather_plan`).
 
     `active` `[B, N, Cin]` and `halo` `[B, M, Cin]` are the conv input's values at active and halo
-    cells, `matrix` the conv weight as laid out by `conv_matrix`; returns `[B, len(index), Cout]`.
+    cells, `matrix` the conv weight as laid out by `conv_matrix` and prepared for the GEMM; returns
+    `[B, len(index), Cout]`.
     On a GPU, one Triton implicit-GEMM kernel (`triton_conv`); here, a row gather and one GEMM.
     """
     if active.is_cuda:
         from .triton_conv import sparse_conv2d_triton
 
-        return sparse_conv2d_triton(active, halo, index, matrix, bias)
+        return sparse_conv2d_triton(active, halo, index, matrix.weight, bias)
     rows = gather_rows(active, halo)
     b, r, c = rows.shape
     n, taps = index.shape

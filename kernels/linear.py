@@ -1,27 +1,61 @@
-"""Dense layers over few rows, with the GEMM turned so that the weight is the operand streamed.
+"""Dense layers with big weights: the weight packed once for oneDNN's GEMM.
 
-A sparse step multiplies the big weights of the deep levels by a handful of active rows (8 to 42 at
-a 1.6% mask of a 64x64 latent). MKL runs `x @ W^T` with so few rows far below its speed for many
-rows; `W @ x^T`, the same product turned around, runs 1.1 to 3x faster for 8 to 63 rows and a
-weight of a million entries or more, and slower below 8 rows or for small weights
-(`benchmarks/gemm_orientation.py`, 2 threads). The choice is a fixed rule of the shape, not timed at
-run time, so that every process computes the same bits for the same edit.
+A sparse step multiplies the big weights of the deep levels by a handful of active rows (8 to 42 at a
+1.6% mask of a 64x64 latent), where MKL's `x @ W^T` runs far below its speed for many rows.
+oneDNN's matmul over a weight packed once in its own blocked layout streams the weight near memory
+speed instead. In float32, for weights of a million entries or more: 1.4 to 2.7x faster at 8 to 14
+rows, 1.1 to 1.5x at 42 to 130, about even at 600 to 2048, slower only at 2 rows (the timestep
+projection); smaller weights lose at few rows. In bfloat16 packing wins at nearly every size
+(`benchmarks/gemm_backend.py`, 2 threads). The choice is a fixed rule of the weight's dtype and
+size, not timed at run time, so that every process computes the same bits for the same edit.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-TURNED_ROWS = range(8, 64)  # row counts at which `W @ x^T` is faster ...
-TURNED_MIN_WEIGHT = 2**20  # ... for weights of at least this many entries
+# weights of at least this many entries are packed (CPU), by dtype: in bfloat16 every size gains
+PACKED_MIN_WEIGHT = {torch.float32: 2**20, torch.bfloat16: 0}
+_PACK_ROWS_HINT = 64  # oneDNN lays the weight out for about this many rows; any count works
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for `x` `[..., K]`, `weight` `[N, K]`."""
-    rows = x.numel() // x.shape[-1]
-    if x.is_cuda or rows not in TURNED_ROWS or weight.numel() < TURNED_MIN_WEIGHT:
-        return F.linear(x, weight, bias)
-    flat = x.reshape(rows, x.shape[-1]).t()
-    out = torch.mm(weight, flat) if bias is None else torch.addmm(bias[:, None], weight, flat)
-    return out.t().reshape(*x.shape[:-1], weight.shape[0])
+def packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@dataclass(frozen=True)
+class GemmWeight:
+    """A weight `[N, K]` as the GEMM reads it: packed for oneDNN, or plain (`weight`)."""
+
+    weight: torch.Tensor | None
+    packed: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> GemmWeight:
+        """`weight` packed where the rule says so (then the plain copy is not kept)."""
+        weight = weight.detach()
+        if (
+            weight.device.type == "cpu"
+            and weight.dtype in PACKED_MIN_WEIGHT
+            and weight.numel() >= PACKED_MIN_WEIGHT[weight.dtype]
+            and packing_available()
+        ):
+            return cls.pack(weight)
+        return cls(weight)
+
+    @classmethod
+    def pack(cls, weight: torch.Tensor) -> GemmWeight:
+        """`weight` (CPU, float32 or bfloat16) packed, whatever its size."""
+        return cls(
+            None, torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _PACK_ROWS_HINT)
+        )
+
+
+def linear(x: torch.Tensor, weight: GemmWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, W, bias)` for `x` `[..., K]` and `W` as prepared by `GemmWeight.of`."""
+    if weight.packed is None:
+        return F.linear(x, weight.weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.packed, bias, "none", [], "")

@@ -8,7 +8,8 @@ from fisedit_ray.kernels.attention import active_query_attention
 from fisedit_ray.kernels.conv import conv_matrix, sparse_conv2d
 from fisedit_ray.kernels.gather import conv_input_positions, gather_plan
 from fisedit_ray.kernels.group_norm import gather_norm_act, group_stats, group_sums, norm_scale_shift
-from fisedit_ray.kernels.linear import linear
+from fisedit_ray.kernels.linear import PACKED_MIN_WEIGHT, GemmWeight, linear
+from fisedit_ray.macs import count_macs
 from fisedit_ray.masks import blob_mask
 
 
@@ -34,7 +35,9 @@ def test_sparse_conv_equals_dense_conv(kernel, stride, padding, size):
     index, halo_cells = gather_plan(positions, rank)
     xt = tokens(x)
     assert not in_mask.flatten()[halo_cells].any()
-    out = sparse_conv2d(xt[:, in_cells], xt[:, halo_cells], index, conv_matrix(conv.weight), conv.bias)
+    out = sparse_conv2d(
+        xt[:, in_cells], xt[:, halo_cells], index, GemmWeight.of(conv_matrix(conv.weight)), conv.bias
+    )
     torch.testing.assert_close(out, dense[:, out_cells], rtol=1e-5, atol=1e-5)
 
 
@@ -81,13 +84,29 @@ def test_gather_plan_addresses_active_halo_and_padding():
     assert index.tolist() == [[0, 2, 4, 1, 3]]  # actives 0-1, halos 2-3, zero row 4
 
 
-@pytest.mark.parametrize("rows", [1, 4, 5, 31, 32, 70])  # batch 2: 2 to 140 rows, turned or not
+@pytest.mark.parametrize("rows", [1, 4, 7, 70])  # batch 2: 2 to 140 rows
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_turned_for_few_rows_equals_f_linear(rows, with_bias):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_with_a_packed_weight_equals_f_linear(rows, with_bias, dtype):
     g = torch.Generator().manual_seed(rows)
-    x = torch.randn(2, rows, 1032, generator=g)[:, :, :1024]  # not contiguous, as sliced values are
-    weight = torch.randn(1024, 1024, generator=g) / 32  # big enough to be turned
-    bias = torch.randn(1024, generator=g) if with_bias else None
-    out = linear(x, weight, bias)
-    assert out.shape == (2, rows, 1024)
-    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, rows, 1032, generator=g)[:, :, :1024].to(dtype)  # not contiguous, as sliced values
+    weight = (torch.randn(1024, 1024, generator=g) / 32).to(dtype)
+    bias = torch.randn(1024, generator=g).to(dtype) if with_bias else None
+    prepared = GemmWeight.of(weight)
+    assert (
+        weight.numel() >= PACKED_MIN_WEIGHT[dtype] and prepared.packed is not None and prepared.weight is None
+    )
+    out = linear(x, prepared, bias)
+    assert out.shape == (2, rows, 1024) and out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), rtol=tol, atol=tol)
+    _, macs = count_macs(lambda: linear(x, prepared, bias))  # the counter sees the packed GEMM
+    assert macs == 2 * rows * 1024 * 1024
+
+
+def test_small_weights_stay_plain():
+    weight = torch.randn(64, 64)
+    prepared = GemmWeight.of(weight)
+    assert prepared.packed is None and prepared.weight.data_ptr() == weight.data_ptr()
+    x = torch.randn(3, 64)
+    assert torch.equal(linear(x, prepared), torch.nn.functional.linear(x, weight))

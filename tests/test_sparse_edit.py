@@ -259,3 +259,23 @@ def test_predicted_macs_equal_counted_macs(sd1_pipe):
     model.add("k", (6, 1), 7)
     model.add("k", (6, 2), 9)  # does not fit: never predicted again
     assert model.predict("k", (5, 3)) is None and "k" in model.broken
+
+
+@pytest.mark.parametrize("config", ["sd1", "sd2"])
+def test_packed_weights_equal_reference_and_count_the_same_macs(sd1_pipe, sd2_pipe, monkeypatch, config):
+    """The tiny models' weights are below the packing size: pack them all, as a big model's are."""
+    from fisedit_ray.kernels import linear as kernels_linear
+
+    pipe = sd1_pipe if config == "sd1" else sd2_pipe
+    plain_engine = EditEngine.from_pipeline(pipe)
+    parent = plain_engine.generate(PROMPT, seed=1, num_inference_steps=STEPS, output_type="latent")
+    mask = blob_mask((16, 16), 0.15, seed=3)
+    plain = plain_engine.edit(parent, EDIT, mask=mask, output_type="latent")
+    monkeypatch.setitem(kernels_linear.PACKED_MIN_WEIGHT, torch.float32, 0)
+    engine = EditEngine.from_pipeline(pipe)
+    packed = engine.edit(parent, EDIT, mask=mask, output_type="latent")
+    assert all(w.packed is not None for _, w in engine.sparse_unet._gemm_weights.values())
+    reference = engine.edit(parent, EDIT, mask=mask, mode="reference", output_type="latent")
+    assert max_diff(packed, reference) <= TOL
+    assert torch.equal(packed.latents[..., ~mask], parent.latents[..., ~mask])
+    assert packed.stats["macs_executed"] == plain.stats["macs_executed"]

@@ -7,6 +7,7 @@ from fisedit_ray.kernels.attention import active_query_attention
 from fisedit_ray.kernels.conv import conv_matrix, sparse_conv2d
 from fisedit_ray.kernels.gather import conv_input_positions, gather_plan
 from fisedit_ray.kernels.group_norm import gather_norm_act, norm_scale_shift
+from fisedit_ray.kernels.linear import GemmWeight
 from fisedit_ray.masks import blob_mask
 
 pytest.importorskip("triton")
@@ -32,7 +33,7 @@ def test_sparse_conv(cin, cout, kernel, stride):
     index, halo_cells = gather_plan(positions, rank)
     x = torch.randn(2, size[0] * size[1], cin)
     args = (x[:, in_cells], x[:, halo_cells], index, conv_matrix(conv.weight.detach()), conv.bias.detach())
-    expected = sparse_conv2d(*args)  # the PyTorch path, itself tested against F.conv2d
+    expected = sparse_conv2d(*args[:3], GemmWeight.of(args[3]), args[4])  # PyTorch's, tested vs F.conv2d
     got = sparse_conv2d_triton(*(a.to(DEVICE) for a in args))
     torch.testing.assert_close(got.cpu(), expected, **TOL)
 
@@ -74,7 +75,7 @@ def test_the_flop_counter_sees_the_triton_kernels():
     rows, index = torch.randn(2, 30, 40), torch.randint(0, 31, (25, 9))
     matrix, bias = torch.randn(70, 9 * 40), torch.randn(70)
     args = (rows[:, :20], rows[:, 20:], index, matrix, bias)
-    _, torch_macs = count_macs(lambda: sparse_conv2d(*args))
+    _, torch_macs = count_macs(lambda: sparse_conv2d(*args[:3], GemmWeight.of(matrix), bias))
     _, triton_macs = count_macs(lambda: sparse_conv2d_triton(*(a.to(DEVICE) for a in args)))
     assert triton_macs == torch_macs > 0
     q, k, v = torch.randn(2, 5, 120), torch.randn(2, 70, 120), torch.randn(2, 70, 120)
