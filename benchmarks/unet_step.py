@@ -98,8 +98,10 @@ def main() -> None:
         plans = GatherPlans(pyramid, sample.device)
         edited = sample + 0.1 * torch.randn(sample.shape).to(device, dtype)
 
-        def sparse(plans=plans, edited=edited):
-            return sparse_unet(edited, t, text, cache.reader(0, device, dtype), plans)
+        scratch = {}  # kept from step to step, as an edit keeps it
+
+        def sparse(plans=plans, edited=edited, scratch=scratch):
+            return sparse_unet(edited, t, text, cache.reader(0, device, dtype), plans, scratch=scratch)
 
         _, sparse_macs = count_macs(sparse)
         sparse_s = median_seconds(sparse, args.repeats)

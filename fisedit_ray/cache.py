@@ -419,13 +419,22 @@ class CacheReader:
             self.cache._norm_affine[memo] = affine
         return affine
 
-    def full(self, key: str) -> torch.Tensor:
-        """The whole map `[B, cells, C]` (a fresh tensor the caller may modify)."""
+    def full(self, key: str, scratch: dict | None = None) -> torch.Tensor:
+        """The whole map `[B, cells, C]`, in a tensor the caller may modify: a fresh one, or the
+        caller's buffer for `key` in `scratch`, refilled (a big map in fresh memory costs a page
+        fault per 4 KiB at every step; a buffer kept for all the steps of an edit does not)."""
         if self.parent is None:
-            return self._stored(key).clone()
+            stored = self._stored(key)
+            buffer = None if scratch is None else scratch.get(key)
+            if buffer is None or buffer.shape != stored.shape or buffer.dtype != stored.dtype:
+                buffer = stored.clone(memory_format=torch.contiguous_format)
+                if scratch is not None:
+                    scratch[key] = buffer
+                return buffer
+            return buffer.copy_(stored)
         if self._inherits(key):
-            return self.parent.full(key)
-        values = self.parent.full(key)  # fresh: this version's rows go in in place
+            return self.parent.full(key, scratch)
+        values = self.parent.full(key, scratch)  # the caller's: this version's rows go in in place
         cells = self.cache.cells[self.cache.levels[key]].to(self.device)
         values[:, cells] = self._stored(key).to(values.dtype)
         return values

@@ -115,6 +115,7 @@ class _SparseJob:
     macs: int | None = 0
     output: torch.Tensor | None = None
     text_kv: dict = field(default_factory=dict)  # the lane's cross-attention keys/values, all steps
+    scratch: dict = field(default_factory=dict)  # the lane's buffers, refilled at every step
     splits: dict = field(default_factory=dict)  # where the parent's chain keeps each gathered cell
 
     def cell_counts(self) -> tuple[int, ...]:
@@ -131,7 +132,9 @@ class _SparseJob:
         self.record = {}
         reader = self.parent.cache.reader(i, engine.device, engine.dtype, self.splits)
         x = engine._model_input(self.run, t)
-        self.lane = Lane(x, t, self.run.embeds, reader, self.plans, self.record, self.cache, self.text_kv)
+        self.lane = Lane(
+            x, t, self.run.embeds, reader, self.plans, self.record, self.cache, self.text_kv, self.scratch
+        )
 
     def finish(self, engine: EditEngine, i: int, active: torch.Tensor) -> None:
         """Step `i`'s scheduler step: new noise inside the mask, the parent's outside."""

@@ -124,13 +124,16 @@ class SparseUNet:
         plans: GatherPlans,
         record: dict[str, torch.Tensor] | None = None,
         store: ActivationCache | None = None,
+        scratch: dict | None = None,
     ) -> torch.Tensor:
         """The U-Net output `[B, N0, C_out]` at the active latent cells.
 
         `sample` is the whole (mixed) model input `[B, C, h, w]`; `record`, if given, receives the
-        delta of this step for a new cache, in `store`'s storage dtype.
+        delta of this step for a new cache, in `store`'s storage dtype; `scratch`, buffers to reuse
+        at the next step of the same edit (see `Lane.scratch`).
         """
-        lane = Lane(sample, timestep, encoder_hidden_states, parent, plans, record, store)
+        scratch = {} if scratch is None else scratch
+        lane = Lane(sample, timestep, encoder_hidden_states, parent, plans, record, store, scratch=scratch)
         return self.run_lanes([lane])[0]
 
     @torch.no_grad()
@@ -153,6 +156,7 @@ class Lane:
     record: dict[str, torch.Tensor] | None = None
     store: ActivationCache | None = None
     text_kv: dict = field(default_factory=dict)  # cross-attention keys/values of `text`, by module
+    scratch: dict = field(default_factory=dict)  # maps refilled at every step (`CacheReader.full`)
 
 
 class _Run:
@@ -339,8 +343,8 @@ class _Run:
         outs = []
         for lane, q_j, k_j, v_j in zip(self.lanes, *(t.split(counts, dim=1) for t in (q, k, v)), strict=True):
             cells = lane.plans.pyramid.cells[level]
-            keys = lane.parent.full(f"{name}.attn1.to_k")
-            values = lane.parent.full(f"{name}.attn1.to_v")
+            keys = lane.parent.full(f"{name}.attn1.to_k", lane.scratch)
+            values = lane.parent.full(f"{name}.attn1.to_v", lane.scratch)
             keys[:, cells], values[:, cells] = k_j, v_j
             if lane.record is not None:
                 lane.store.put(lane.record, f"{name}.attn1.to_k", k_j)
