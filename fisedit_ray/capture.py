@@ -38,7 +38,9 @@ class CaptureConfig:
 
     dense_steps: int = 1  # k: dense steps with the new prompt before the mask exists
     threshold: float | Literal["otsu"] = "otsu"  # or a fixed fraction of the score, in (0, 1)
-    grow: float = 0.5  # hysteresis: seeds grow into cells above grow x threshold (1: no growth)
+    # hysteresis: seeds grow into cells above grow x threshold (1: no growth); 0.3 takes in the
+    # rims a removed or moved object leaves (benchmarks/masks.py: success 97.8% vs 95.3% at 0.5)
+    grow: float = 0.3
     opening: int = 2  # side of the square opening kernel, in latent cells (0 or 1: none)
     dilation: int = 0  # cells added around the mask
     global_median: float | None = 0.075  # median/peak score beyond which the edit is global
