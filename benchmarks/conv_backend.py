@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import median_seconds
 
 from fisedit_ray.kernels.conv import conv_matrix, sparse_conv2d
 from fisedit_ray.kernels.gather import conv_input_positions, gather_plan
@@ -27,17 +26,6 @@ from fisedit_ray.kernels.linear import GemmWeight
 
 LEVELS = [(64, 320), (32, 640), (16, 1280), (8, 1280)]  # (side, channels) at 512 px
 FRACTIONS = [0.25, 0.5, 0.75, 0.9, 1.0]
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 @torch.no_grad()
@@ -56,7 +44,9 @@ def main() -> None:
         conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
         weight = GemmWeight.of(conv_matrix(conv.weight.detach()))
         x = torch.randn(2, channels, side, side)
-        dense_ms = median_ms(lambda x=x, c=conv: F.conv2d(x, c.weight, c.bias, padding=1), args.repeats)
+        dense_ms = 1e3 * median_seconds(
+            lambda x=x, c=conv: F.conv2d(x, c.weight, c.bias, padding=1), args.repeats, warmup=2
+        )
         ratios = []
         for fraction in FRACTIONS:
             n = round(fraction * side * side)
@@ -65,9 +55,10 @@ def main() -> None:
             rank[cells] = torch.arange(n)
             index, halo_cells = gather_plan(conv_input_positions(cells, side, (side, side), 3, 1, 1), rank)
             active, halo = torch.randn(2, n, channels), torch.randn(2, len(halo_cells), channels)
-            sparse_ms = median_ms(
+            sparse_ms = 1e3 * median_seconds(
                 lambda a=active, h=halo, i=index, w=weight, b=conv.bias: sparse_conv2d(a, h, i, w, b),
                 args.repeats,
+                warmup=2,
             )
             rows.append(
                 {

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import median_seconds
 
 from fisedit_ray.kernels.linear import GemmWeight, linear
 
@@ -35,17 +34,6 @@ SHAPES = [  # (K, N): weight [N, K]
     (320, 320),
 ]
 ROWS = [2, 8, 14, 42, 130, 600, 2048]
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -67,8 +55,12 @@ def main() -> None:
             ratios = []
             for m in ROWS:
                 x = torch.randn(m, k).to(dtype)
-                plain_ms = median_ms(lambda x=x, w=weight, b=bias: F.linear(x, w, b), args.repeats)
-                packed_ms = median_ms(lambda x=x, w=packed, b=bias: linear(x, w, b), args.repeats)
+                plain_ms = 1e3 * median_seconds(
+                    lambda x=x, w=weight, b=bias: F.linear(x, w, b), args.repeats, warmup=2
+                )
+                packed_ms = 1e3 * median_seconds(
+                    lambda x=x, w=packed, b=bias: linear(x, w, b), args.repeats, warmup=2
+                )
                 rows_out.append(
                     {
                         "dtype": str(dtype).removeprefix("torch."),

@@ -18,8 +18,6 @@ Writes Parquet and a PNG plot.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,6 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from diffusers import UNet2DConditionModel
 from sd_shapes import SD15_UNET
+from timing import median_seconds
 from torch import nn
 
 from fisedit_ray.cache import ActivationCache, CacheRecorder
@@ -34,20 +33,6 @@ from fisedit_ray.kernels.linear import linear
 from fisedit_ray.macs import count_macs
 from fisedit_ray.masks import MaskPyramid, blob_mask
 from fisedit_ray.sparse_unet import GatherPlans, SparseUNet
-
-
-def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()  # a GPU runs asynchronously: time the work, not its launch
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()
