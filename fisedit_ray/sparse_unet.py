@@ -204,9 +204,11 @@ class _Run:
     def forward(self) -> list[torch.Tensor]:
         unet = self.unet
         inputs = [tokens(lane.sample) for lane in self.lanes]
-        active = [x[:, lane.plans.pyramid.cells[0]] for x, lane in zip(inputs, self.lanes, strict=True)]
+        active = [
+            x.index_select(1, lane.plans.pyramid.cells[0]) for x, lane in zip(inputs, self.lanes, strict=True)
+        ]
         x0 = torch.cat(active, dim=1)
-        h = self.conv(unet.conv_in, Active(x0, 0), lambda j, cells: inputs[j][:, cells])
+        h = self.conv(unet.conv_in, Active(x0, 0), lambda j, cells: inputs[j].index_select(1, cells))
         skips = [h]
         for block in unet.down_blocks:
             attentions = getattr(block, "attentions", None)
@@ -316,8 +318,9 @@ class _Run:
         if resnet.time_emb_proj is not None:
             temb = self.pointwise(resnet.time_emb_proj, self.temb_act)
             temb = temb.view(len(self.lanes), -1, temb.shape[-1]).transpose(0, 1)  # [B, lanes, C]
-            rows = temb if len(self.lanes) == 1 else temb[:, self.segment(h.level)]  # [B, 1 or N, C]
-            h = Active(h.values + rows, h.level)
+            if len(self.lanes) > 1:  # [B, lanes, C] -> [B, N, C]: each active cell its lane's row
+                temb = temb.index_select(1, self.segment(h.level))
+            h = Active(h.values + temb, h.level)
         y, halo = self.norm_act(resnet.norm2, f"{name}.norm2", h, silu=True)
         h = self.conv(resnet.conv2, Active(y, h.level), halo)
         shortcut = x

@@ -86,8 +86,8 @@ def gather_norm_act(
 
         return gather_norm_act_triton(x, rows, scale, shift, silu, x_scale, dtype)
     if rows is not None:
-        x = x[:, rows]
-        x_scale = None if x_scale is None else x_scale[:, rows]
+        x = x.index_select(1, rows)  # several times faster than `x[:, rows]` on a CPU
+        x_scale = None if x_scale is None else x_scale.index_select(1, rows)
     x = x.to(dtype) if x_scale is None else (x.float() * x_scale.float()).to(dtype)
     y = torch.addcmul(shift[:, None, :], x, scale[:, None, :])
     return torch.nn.functional.silu(y) if silu else y
@@ -100,5 +100,5 @@ def segment_norm_act(
     `scale`, `shift` `[B, S, C]`; `segment` `[N]` says whose each row is."""
     if scale.shape[1] == 1:
         return gather_norm_act(x, None, scale[:, 0], shift[:, 0], silu)
-    y = torch.addcmul(shift[:, segment], x, scale[:, segment])
+    y = torch.addcmul(shift.index_select(1, segment), x, scale.index_select(1, segment))
     return torch.nn.functional.silu(y) if silu else y
