@@ -1,5 +1,6 @@
 """The activation cache: exact persistence, exact byte accounting, storage dtypes, deltas."""
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -56,9 +57,13 @@ def test_arrays_round_trip_is_exact(engine, parent):
     with pytest.raises(ValueError, match="needs its parent's cache"):
         ActivationCache.from_arrays(edit.cache.to_arrays())
     with pytest.raises(ValueError, match="cannot read the activation cache"):
-        ActivationCache.from_arrays({"meta": {}, "arrays": {"a": "garbage"}, "bfloat16": []})
+        ActivationCache.from_arrays({"meta": {}, "index": {"a": "garbage"}, "data": np.zeros(8, np.uint8)})
     with pytest.raises(ValueError, match="cannot read the activation cache"):
-        ActivationCache.from_arrays({"meta": {}, "arrays": {}, "bfloat16": []})
+        ActivationCache.from_arrays({"meta": {}, "index": {}, "data": np.zeros(8, np.uint8)})
+    payload = edit.cache.to_arrays()
+    payload["data"] = payload["data"][:-4096]  # truncated
+    with pytest.raises(ValueError, match="past the end of the data"):
+        ActivationCache.from_arrays(payload, parent=loaded_parent)
 
 
 def test_byte_count_equals_stored_tensors(engine, parent, tmp_path):
