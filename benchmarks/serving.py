@@ -182,26 +182,48 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS))
+    parser.add_argument("--repeats", type=int, default=1, help="Runs of every system, alternating; medians.")
     parser.add_argument("--out", type=Path, default=Path("results/serving"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
-    for name in args.systems:
-        rows.append(run_system(name, args))
-        r = rows[-1]
-        print(
-            f"{name:7s} {r['edits_per_s']:6.2f} edits/s  p50 {r['p50_s']:6.2f}s  p99 {r['p99_s']:6.2f}s  "
-            f"mask {r['mask_ratio']:.1%}  fetches/edit {r['fetches_per_edit']:.2f}  "
-            f"rebuilds/edit {r['rebuilds_per_edit']:.2f}  busiest replica {r['busiest_replica_share']:.0%}  "
-            f"engine s/edit {r['engine_s_per_edit']:.2f}  batch {r['mean_batch_size']:.1f}",
-            flush=True,
+    for repeat in range(args.repeats):  # the systems alternate: slow drifts of the machine hit each
+        for name in args.systems:
+            rows.append({"repeat": repeat, **run_system(name, args)})
+            print(report(rows[-1]), flush=True)
+        dense = next(
+            (r["edits_per_s"] for r in rows if (r["system"], r["repeat"]) == ("dense", repeat)), None
         )
-    base = next((r["edits_per_s"] for r in rows if r["system"] == "dense"), None)
-    for r in rows:
-        r["x_dense"] = r["edits_per_s"] / base if base else None
+        for r in rows:
+            if r["repeat"] == repeat:
+                r["x_dense"] = r["edits_per_s"] / dense if dense else None
+    summary = [medians([r for r in rows if r["system"] == name]) for name in args.systems]
+    if args.repeats > 1:
+        print(f"medians of {args.repeats} runs (x dense: median of the same-repeat ratios)")
+        for r in summary:
+            print(report(r), f" x dense {r['x_dense']:.2f}" if r["x_dense"] else "")
     args.out.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), args.out / "serving.parquet")
-    plot(rows, args.out / "serving.png")
+    plot(summary, args.out / "serving.png")
+
+
+def report(r: dict) -> str:
+    return (
+        f"{r['system']:7s} {r['edits_per_s']:6.2f} edits/s  p50 {r['p50_s']:6.2f}s  p99 {r['p99_s']:6.2f}s  "
+        f"mask {r['mask_ratio']:.1%}  fetches/edit {r['fetches_per_edit']:.2f}  "
+        f"rebuilds/edit {r['rebuilds_per_edit']:.2f}  busiest replica {r['busiest_replica_share']:.0%}  "
+        f"engine s/edit {r['engine_s_per_edit']:.2f}  batch {r['mean_batch_size']:.1f}"
+    )
+
+
+def medians(runs: list[dict]) -> dict:
+    """One system's runs summarised: the median of every measured column."""
+    fixed = ("system", "users", "rounds", "steps")
+    return {
+        k: runs[0][k] if k in fixed or runs[0][k] is None else statistics.median(r[k] for r in runs)
+        for k in runs[0]
+        if k != "repeat"
+    }
 
 
 def plot(rows: list[dict], path: Path) -> None:

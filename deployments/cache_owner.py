@@ -24,7 +24,8 @@ def png(image: Image.Image) -> bytes:
 
 def version_payload(version: Version) -> dict:
     """A version without its parent: metadata, PNG, latents and mask, and its own cache (a delta
-    for an edit), as plain values and numpy arrays (which Ray stores without pickling them)."""
+    for an edit), as plain values and numpy arrays (which Ray stores without pickling them; the
+    cache is one byte array, `ActivationCache.to_arrays`)."""
     return {
         "id": version.id,
         "prompt": version.prompt,
