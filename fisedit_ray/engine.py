@@ -663,7 +663,9 @@ class EditEngine:
     ) -> list[tuple[ActivationCache, dict]]:
         """Sparse phase of edits `(parent, embeds, pyramid)`, in lockstep: every step runs the
         non-empty ones in one sparse pass (`SparseUNet.run_lanes`). Step 0 runs each alone under the
-        MAC counter, so that each edit's stats count its own work."""
+        MAC counter, so that each edit's stats count its own work. An edit of the whole image
+        (Target Area Capture's mask for a new background or style) keeps no cell of its parent: it
+        runs as a dense pass, recorded into its delta."""
         results: list = [None] * len(jobs)
         lanes: list[_SparseJob] = []
         for j, (parent, embeds, pyramid) in enumerate(jobs):
@@ -674,6 +676,8 @@ class EditEngine:
                 cache.noise_preds = list(parent.cache.noise_preds)
                 cache.steps = [{} for _ in range(steps)]
                 results[j] = (cache, _macs(0, parent.stats["unet_macs_per_step"], steps))
+            elif pyramid.full:  # nothing kept: the same computation as a dense pass, which runs it faster
+                results[j] = (cache, self._run_dense([_spec(embeds, None)], parent.settings, cache))
             else:
                 run = self._start(_spec(embeds, pyramid), parent.settings)
                 lanes.append(_SparseJob(j, parent, run, GatherPlans(pyramid, self.device), cache))

@@ -86,6 +86,10 @@ class MaskPyramid:
     def empty(self) -> bool:
         return len(self.cells[0]) == 0
 
+    @property
+    def full(self) -> bool:
+        return len(self.cells[0]) == self.masks[0].numel()
+
     def level_of(self, num_cells: int) -> int | None:
         for level, m in enumerate(self.masks):
             if m.numel() == num_cells:
