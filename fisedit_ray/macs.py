@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -21,10 +22,7 @@ def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> 
 def _packed_linear_flops(x, weight, *args, out_shape=None, **kwargs) -> int:
     # oneDNN's GEMM over a packed weight (`kernels.linear`), unknown to the counter: the weight's
     # packed shape is not [N, K], so count from the input's rows and width and the output's width.
-    rows_by_width = 1
-    for d in x:
-        rows_by_width *= d
-    return 2 * rows_by_width * out_shape[-1]
+    return 2 * math.prod(x) * out_shape[-1]
 
 
 _CUSTOM = {}
