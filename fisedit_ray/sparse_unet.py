@@ -291,19 +291,20 @@ class _Run:
         mean, rstd = group_stats(sums, self.map_cells(level) * (channels // groups), norm.eps)
         scale, shift = norm_scale_shift(mean, rstd, norm.weight, norm.bias, channels, x.values.dtype)
         out = segment_norm_act(x.values, segment, scale, shift, silu)
+        lane_sums = sums.permute(2, 0, 1, 3).contiguous().unbind(0)  # one copy for all lanes
         for j, (lane, values, lane_cells) in enumerate(
             zip(lanes, self.split(x.values, level), self.split(new_cells, level), strict=True)
         ):
             if lane.record is None:
                 continue
-            lane_sums = sums[:, :, j].contiguous()
+            stats = lane_sums[j]
             if sums_only:
                 lane.record[key] = lane_cells
             else:
                 stored = lane.store.put(lane.record, key, values)
                 if lane.store.storage_dtype != values.dtype:  # statistics of what is stored
-                    lane_sums = parent_sums[:, :, j] - removed[:, :, j] + group_sums(stored, groups)
-            lane.record[key + STATS] = lane_sums
+                    stats = parent_sums[:, :, j] - removed[:, :, j] + group_sums(stored, groups)
+            lane.record[key + STATS] = stats
 
         def halo(j: int, halo_cells: torch.Tensor) -> torch.Tensor:
             return self.lanes[j].parent.gather_normalized(key, halo_cells, norm, silu)
