@@ -62,8 +62,10 @@ class CacheOwner:
     def __init__(self) -> None:
         self.refs: dict[tuple[str, str], ray.ObjectRef] = {}
 
-    def put(self, session_id: str, version_id: str, payload: dict) -> None:
-        self.refs[(session_id, version_id)] = ray.put(payload)
+    def put(self, versions: list[tuple[str, str, dict]]) -> None:
+        """Store `(session_id, version_id, payload)` of several versions (an editor's batch)."""
+        for session_id, version_id, payload in versions:
+            self.refs[(session_id, version_id)] = ray.put(payload)
 
     def get(self, session_id: str, version_id: str) -> list:
         """`[ref]` of the version's payload (nested, so the caller reads the object store), or `[]`."""

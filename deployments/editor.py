@@ -72,20 +72,19 @@ class Editor:
             mask = None if parent is None else self._latent_mask(parent, record)
             if mask is not None and record["mode"] == "sparse":
                 self.engine.check_prompt(record["prompt"])  # refused here, alone, not in a batch
-                version = await self._sparse_batch(parent, record, mask)
+                version = await self._sparse_batch(session_id, parent, record, mask)  # kept and stored
                 fetched, rebuilt = [], []
             else:
                 fetched, rebuilt, version = await self._materialise(session_id, lineage)
+                await self._finish([(session_id, record, version)])
         except ValueError as e:
             return {"error": str(e)}
-        _add_capture(version.stats, record.get("capture"))
-        self._keep(session_id, version)
-        if self.owner is not None:
-            await self.owner.put.remote(session_id, version.id, version_payload(version))
         return self._result(version, fetched, rebuilt)
 
     @serve.batch
-    async def _sparse_batch(self, parents: list, records: list, masks: list) -> list[Version]:
+    async def _sparse_batch(
+        self, session_ids: list[str], parents: list, records: list, masks: list
+    ) -> list[Version]:
         groups = defaultdict(list)
         for i, (parent, mask) in enumerate(zip(parents, masks, strict=True)):
             ratio = float(mask.float().mean())
@@ -98,7 +97,18 @@ class Editor:
             for i, version in zip(members, self.engine.edit_batch(requests), strict=True):
                 version.id = records[i]["id"]
                 versions[i] = version
+        await self._finish(list(zip(session_ids, records, versions, strict=True)))
         return versions
+
+    async def _finish(self, done: list[tuple[str, dict, Version]]) -> None:
+        """Count the mask generator's work in each new version's stats, keep the versions hot and
+        store them with the cache owner, all of a batch in one call (a call costs both sides about
+        4 ms of CPU besides the bytes)."""
+        for session_id, record, version in done:
+            _add_capture(version.stats, record.get("capture"))
+            self._keep(session_id, version)
+        if self.owner is not None:
+            await self.owner.put.remote([(sid, v.id, version_payload(v)) for sid, _, v in done])
 
     def _hot(self, session_id: str, version_id: str) -> Version | None:
         version = self.hot.get((session_id, version_id))
