@@ -237,11 +237,11 @@ class ActivationCache:
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.contiguous() for k, v in self.tensors().items()}
-        trajectory = {k: v for k, v in tensors.items() if not k.startswith("step")}
+        # safetensors writes contiguous tensors only (a batched edit records views of its batch)
+        trajectory = {k: v.contiguous() for k, v in self.tensors().items() if not k.startswith("step")}
         save_file(trajectory, folder / "trajectory.safetensors")
         for i, step in enumerate(self.steps):
-            save_file(step, folder / f"step{i:04d}.safetensors")
+            save_file({k: v.contiguous() for k, v in step.items()}, folder / f"step{i:04d}.safetensors")
         (folder / "cache.json").write_text(json.dumps(self._meta(), indent=1))
 
     def to_arrays(self) -> dict:

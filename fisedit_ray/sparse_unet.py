@@ -299,7 +299,7 @@ class _Run:
                 continue
             stats = lane_sums[j]
             if sums_only:
-                lane.record[key] = lane_cells
+                lane.record[key] = lane_cells.contiguous()  # its own rows, not a view of the batch's
             else:
                 stored = lane.store.put(lane.record, key, values)
                 if lane.store.storage_dtype != values.dtype:  # statistics of what is stored

@@ -47,6 +47,15 @@ def test_save_load_round_trip_is_exact(engine, parent, tmp_path):
     assert torch.equal(from_memory.latents, from_disk.latents)
 
 
+def test_a_batched_edits_cache_saves_and_loads_exactly(engine, parent, tmp_path):
+    """A batch records each edit's rows out of tensors shared by the batch: saved alone, exactly."""
+    edits = engine.edit_batch([(parent, EDIT, blob_mask((16, 16), 0.1, seed=s)) for s in range(3)])
+    parent.cache.save(tmp_path / "parent")
+    edits[1].cache.save(tmp_path / "edit")
+    loaded = ActivationCache.load(tmp_path / "edit", parent=ActivationCache.load(tmp_path / "parent"))
+    assert_same_tensors(edits[1].cache, loaded)
+
+
 def test_arrays_round_trip_is_exact(engine, parent):
     edit = engine.edit(parent, EDIT, mask=blob_mask((16, 16), 0.1, seed=1), output_type="latent")
     loaded_parent = ActivationCache.from_arrays(parent.cache.to_arrays())
