@@ -32,7 +32,14 @@ def build_app(args: dict | None = None) -> Application:
     args = dict(args or {})
     cpus = float(args.get("editor_cpus", 1))
     affinity = _flag(args.get("affinity", True))
-    router = RequestRouterConfig(request_router_class=SESSION_ROUTER) if affinity else RequestRouterConfig()
+    # strict: a session's calls wait for its home replica, even when it is busy (no fallback); on a
+    # busy machine a fallback replica fetches or rebuilds the session's versions and splits its batches
+    strict = {"num_fallback_replicas": 0}
+    router = (
+        RequestRouterConfig(request_router_class=SESSION_ROUTER, request_router_kwargs=strict)
+        if affinity
+        else RequestRouterConfig()
+    )
     editor = serve.deployment(
         Editor,
         num_replicas=int(args.get("editor_replicas", 1)),

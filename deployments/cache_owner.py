@@ -22,17 +22,18 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def version_payload(version: Version) -> dict:
-    """A version without its parent: metadata, PNG, latents and mask, and its own cache (a delta
-    for an edit), as plain values and numpy arrays (which Ray stores without pickling them; the
-    cache is one byte array, `ActivationCache.to_arrays`)."""
+def version_payload(version: Version, image_png: bytes | None) -> dict:
+    """A version without its parent: metadata, its image as `image_png` (encoded once, by the caller,
+    which also sends it back), latents and mask, and its own cache (a delta for an edit), as plain
+    values and numpy arrays (which Ray stores without pickling them; the cache is one byte array,
+    `ActivationCache.to_arrays`)."""
     return {
         "id": version.id,
         "prompt": version.prompt,
         "settings": version.settings.to_json(),
         "mode": version.mode,
         "stats": version.stats,
-        "image_png": None if version.image is None else png(version.image),
+        "image_png": image_png,
         "latents": version.latents.detach().cpu().numpy(),
         "mask": None if version.mask is None else version.mask.cpu().numpy(),
         "cache": version.cache.to_arrays(),

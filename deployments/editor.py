@@ -11,10 +11,15 @@ freezes it into the lineage, with how it was found (`capture`). Sparse edits who
 through a batcher (`@serve.batch`): the edits that arrive
 together are grouped by step count, guidance and sparsity bucket, and each group runs as one
 `EditEngine.edit_batch` (one sparse pass per step for all of them).
+
+The engine runs in a worker thread (it serves one call at a time, `EditEngine`'s lock), never on
+the replica's event loop: a loop blocked by seconds of compute per queued request delays the
+replica's health checks past their timeout under load, and Serve then kills a busy replica.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections import OrderedDict, defaultdict
 
@@ -72,19 +77,19 @@ class Editor:
             mask = None if parent is None else self._latent_mask(parent, record)
             if mask is not None and record["mode"] == "sparse":
                 self.engine.check_prompt(record["prompt"])  # refused here, alone, not in a batch
-                version = await self._sparse_batch(session_id, parent, record, mask)  # kept and stored
+                version, image_png = await self._sparse_batch(session_id, parent, record, mask)
                 fetched, rebuilt = [], []
             else:
                 fetched, rebuilt, version = await self._materialise(session_id, lineage)
-                await self._finish([(session_id, record, version)])
+                (image_png,) = await self._finish([(session_id, record, version)])
         except ValueError as e:
             return {"error": str(e)}
-        return self._result(version, fetched, rebuilt)
+        return self._result(version, image_png, fetched, rebuilt)
 
     @serve.batch
     async def _sparse_batch(
         self, session_ids: list[str], parents: list, records: list, masks: list
-    ) -> list[Version]:
+    ) -> list[tuple[Version, bytes]]:
         groups = defaultdict(list)
         for i, (parent, mask) in enumerate(zip(parents, masks, strict=True)):
             ratio = float(mask.float().mean())
@@ -94,21 +99,30 @@ class Editor:
         versions: list = [None] * len(parents)
         for members in groups.values():
             requests = [(parents[i], records[i]["prompt"], masks[i]) for i in members]
-            for i, version in zip(members, self.engine.edit_batch(requests), strict=True):
+            edited = await asyncio.to_thread(self.engine.edit_batch, requests)
+            for i, version in zip(members, edited, strict=True):
                 version.id = records[i]["id"]
                 versions[i] = version
-        await self._finish(list(zip(session_ids, records, versions, strict=True)))
-        return versions
+        image_pngs = await self._finish(list(zip(session_ids, records, versions, strict=True)))
+        return list(zip(versions, image_pngs, strict=True))
 
-    async def _finish(self, done: list[tuple[str, dict, Version]]) -> None:
+    async def _finish(self, done: list[tuple[str, dict, Version]]) -> list[bytes]:
         """Count the mask generator's work in each new version's stats, keep the versions hot and
         store them with the cache owner, all of a batch in one call (a call costs both sides about
-        4 ms of CPU besides the bytes)."""
+        4 ms of CPU besides the bytes). Returns each version's image as PNG, encoded once for the
+        owner and the reply."""
+        image_pngs = []
         for session_id, record, version in done:
             _add_capture(version.stats, record.get("capture"))
             self._keep(session_id, version)
+            image_pngs.append(png(version.image))
         if self.owner is not None:
-            await self.owner.put.remote([(sid, v.id, version_payload(v)) for sid, _, v in done])
+            payloads = [
+                (sid, v.id, version_payload(v, image_png))
+                for (sid, _, v), image_png in zip(done, image_pngs, strict=True)
+            ]
+            await self.owner.put.remote(payloads)
+        return image_pngs
 
     def _hot(self, session_id: str, version_id: str) -> Version | None:
         version = self.hot.get((session_id, version_id))
@@ -122,11 +136,11 @@ class Editor:
             return None
         return to_latent_mask(mask, self.engine.latent_size(parent.settings), self.engine.vae_scale)
 
-    def _result(self, version: Version, fetched: list[str], rebuilt: list[str]) -> dict:
+    def _result(self, version: Version, image_png: bytes, fetched: list[str], rebuilt: list[str]) -> dict:
         mask = None if version.mask is None else mask_image(version.mask, self.engine.vae_scale)
         return {
             "version_id": version.id,
-            "image_png": png(version.image),
+            "image_png": image_png,
             "mask_png": None if mask is None else png(mask),
             "stats": {**version.stats, "replica": self.replica(), "fetched": fetched, "rebuilt": rebuilt},
         }
@@ -161,10 +175,10 @@ class Editor:
             fetched.append(version.id)
             start += 1
         for record in lineage[start:-1]:
-            version = self._compute(record, version)
+            version = await asyncio.to_thread(self._compute, record, version)
             self._keep(session_id, version)
             rebuilt.append(version.id)
-        return fetched, rebuilt, self._compute(lineage[-1], version)
+        return fetched, rebuilt, await asyncio.to_thread(self._compute, lineage[-1], version)
 
     async def _fetch(self, session_id: str, version_id: str) -> dict | None:
         if self.owner is None:

@@ -9,6 +9,7 @@ groups edits by the sparsity they run at.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import torch
@@ -33,8 +34,8 @@ class MaskGenerator:
                 root["seed"], root["steps"], root["guidance"], root["size"], root["size"]
             )
             parent_mode = parent.get("mode", "generate")  # the root record is the generation
-            mask, found = self.engine.find_mask_uncached(
-                settings, parent["prompt"], parent_mode, edit["prompt"]
+            mask, found = await asyncio.to_thread(  # off the event loop, as the editors' engines
+                self.engine.find_mask_uncached, settings, parent["prompt"], parent_mode, edit["prompt"]
             )
         except ValueError as e:
             return {"error": str(e)}

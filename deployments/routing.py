@@ -6,7 +6,9 @@ replicas leaves them unbalanced: 8 sessions on 2 replicas split 6:2 or worse one
 then one replica serves three quarters of the edits while the other idles. `SessionRouter` keeps
 that router's retries and back-pressure and changes only the choice of replica: a session's home
 while the home lives, else the least loaded replica (ties broken by the hash ring). The placement
-lives in the router, that is in the ingress process, which also holds the sessions.
+lives in the router, that is in the ingress process, which also holds the sessions. The app runs it
+without fallback replicas (`num_fallback_replicas=0`): a session's call waits for its busy home
+instead of going where the session's caches are not.
 """
 
 from __future__ import annotations

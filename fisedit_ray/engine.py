@@ -8,6 +8,7 @@ reference defines the result; the sparse engine must match it).
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import threading
@@ -171,6 +172,10 @@ class EditEngine:
     def __init__(self, pipe: StableDiffusionPipeline, *, cache_dtype: torch.dtype | str = torch.float32):
         self.pipe = pipe
         self._lock = threading.Lock()
+        # `check_prompt` runs outside `_lock` (a service checks a prompt while a batch runs): its
+        # own tokenizer, so that it never shares one with a running request
+        self._prompt_tokenizer = copy.deepcopy(pipe.tokenizer)
+        self._prompt_tokenizer_lock = threading.Lock()
         self._sparse_macs = AffineMacs()  # the MAC counter is a slow dispatch mode: count rarely
         self._dense_macs: dict[tuple, int] = {}
         self.sparse_unet = SparseUNet(pipe.unet)
@@ -560,8 +565,9 @@ class EditEngine:
         """Raise ValueError for a prompt the text encoder would silently truncate."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        tokenizer = self.pipe.tokenizer
-        count = len(tokenizer(prompt).input_ids)
+        tokenizer = self._prompt_tokenizer
+        with self._prompt_tokenizer_lock:
+            count = len(tokenizer(prompt).input_ids)
         if count > tokenizer.model_max_length:
             raise ValueError(
                 f"prompt is {count} tokens long; this model reads at most {tokenizer.model_max_length}"

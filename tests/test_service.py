@@ -312,18 +312,23 @@ def test_a_full_queue_answers_503_with_retry_after(service):
 
 
 def test_concurrent_edits_on_one_replica_are_batched_and_equal_alone(service, engine, one_thread):
+    """More edits of one session at once than its replica takes (8): the rest wait for that replica
+    (strict affinity) instead of spilling to one that would fetch the parent first."""
     body, auth = create(service, seed=11)
-    masks = [blob_mask((16, 16), 0.1, seed=s) for s in range(6)]
-    prompts = [f"a {c} square" for c in ("blue", "green", "white", "yellow", "purple", "red")]
+    colors = ("blue", "green", "white", "yellow", "purple", "red", "black", "orange", "pink", "gray")
+    masks = [blob_mask((16, 16), 0.1, seed=s) for s in range(len(colors))]
+    prompts = [f"a {c} square" for c in colors]
     url = f"/v1/sessions/{body['session_id']}/versions/{body['version_id']}/edits"
 
     def post(k):
         return service.post(url, json={"prompt": prompts[k], "mask_png": mask_png(masks[k])}, headers=auth)
 
-    with ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(post, range(6)))
+    with ThreadPoolExecutor(len(colors)) as pool:
+        answers = list(pool.map(post, range(len(colors))))
     assert all(r.status_code == 201 for r in answers), [r.text for r in answers]
-    assert max(r.json()["stats"]["batch_size"] for r in answers) > 1  # some ran in one sparse pass
+    stats = [r.json()["stats"] for r in answers]
+    assert len({s["replica"] for s in stats}) == 1 and all(s["fetched"] == [] for s in stats)
+    assert max(s["batch_size"] for s in stats) > 1  # some ran in one sparse pass
     parent = engine.generate(PROMPT, seed=11, num_inference_steps=3)
     for k, r in enumerate(answers):
         alone = engine.edit(parent, prompts[k], mask=masks[k])
@@ -354,3 +359,37 @@ def test_an_editor_over_its_byte_budget_fetches_what_it_evicted(service, engine,
         assert np.array_equal(np.asarray(remote.image(remote.root)), png_array(root))
     finally:
         serve.delete("small")
+
+
+def test_an_editor_computes_off_its_event_loop():
+    """The engine runs in a worker thread: a replica whose event loop waited out every queued request's
+    compute would miss Serve's health checks under load (30 s) and be killed mid-request. Here the
+    engine waits until the loop itself releases it, which it can only do while the engine runs."""
+    import asyncio
+    import threading
+
+    from fisedit_ray.deployments.editor import Editor
+
+    editor = Editor(model="tiny", owner=None)
+    editor.replica = lambda: "here"  # outside Serve: no replica context
+    started, release = threading.Event(), threading.Event()
+    generate = editor.engine.generate
+
+    def waiting_generate(*args, **kwargs):
+        started.set()
+        if not release.wait(timeout=30):
+            raise RuntimeError("the editor's event loop was blocked while its engine ran")
+        return generate(*args, **kwargs)
+
+    editor.engine.generate = waiting_generate
+    root = {"id": "v0", "prompt": PROMPT, "seed": 0, "steps": 2, "guidance": 7.5, "size": 64}
+
+    async def run() -> dict:
+        task = asyncio.ensure_future(editor.run("s", [root]))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        release.set()  # from the loop, while the engine's thread is inside `generate`
+        return await task
+
+    result = asyncio.run(run())
+    assert result["version_id"] == "v0" and result["image_png"].startswith(b"\x89PNG")
