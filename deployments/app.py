@@ -31,6 +31,7 @@ def build_app(args: dict | None = None) -> Application:
     mask; default 1 / 0 / 0)."""
     args = dict(args or {})
     cpus = float(args.get("editor_cpus", 1))
+    max_batch = int(args.get("editor_max_batch", 8))
     affinity = _flag(args.get("affinity", True))
     # strict: a session's calls wait for its home replica, even when it is busy (no fallback); on a
     # busy machine a fallback replica fetches or rebuilds the session's versions and splits its batches
@@ -47,7 +48,10 @@ def build_app(args: dict | None = None) -> Application:
             "num_cpus": cpus,
             "num_gpus": float(args.get("editor_gpus", 0)),
         },
-        max_ongoing_requests=8,  # also bounds the edits one sparse batch can gather
+        # a batch's worth running and the next batch's waiting in the replica: a session's calls
+        # beyond that wait in the ingress's router for their home, retried with growing back-off,
+        # and would reach it too spread out to run together
+        max_ongoing_requests=2 * max(max_batch, 4),
         request_router_config=router,
         health_check_period_s=10,
     ).bind(
@@ -56,7 +60,7 @@ def build_app(args: dict | None = None) -> Application:
         threads=max(1, int(cpus)),
         hot_bytes=float(args.get("editor_hot_gib", 4)) * 2**30,
         owner=CacheOwner.bind() if _flag(args.get("store_caches", True)) else None,
-        max_batch_size=int(args.get("editor_max_batch", 8)),
+        max_batch_size=max_batch,
         batch_wait_s=float(args.get("editor_batch_wait_s", 0.1)),
         keep_caches=_flag(args.get("keep_caches", True)),
     )

@@ -312,19 +312,19 @@ def test_a_full_queue_answers_503_with_retry_after(service):
 
 
 def test_concurrent_edits_on_one_replica_are_batched_and_equal_alone(service, engine, one_thread):
-    """More edits of one session at once than its replica takes (8): the rest wait for that replica
+    """More edits of one session at once than its replica takes (16): the rest wait for that replica
     (strict affinity) instead of spilling to one that would fetch the parent first."""
     body, auth = create(service, seed=11)
     colors = ("blue", "green", "white", "yellow", "purple", "red", "black", "orange", "pink", "gray")
-    masks = [blob_mask((16, 16), 0.1, seed=s) for s in range(len(colors))]
-    prompts = [f"a {c} square" for c in colors]
+    masks = [blob_mask((16, 16), 0.1, seed=s) for s in range(2 * len(colors))]
+    prompts = [f"a {c} {shape}" for shape in ("square", "circle") for c in colors]
     url = f"/v1/sessions/{body['session_id']}/versions/{body['version_id']}/edits"
 
     def post(k):
         return service.post(url, json={"prompt": prompts[k], "mask_png": mask_png(masks[k])}, headers=auth)
 
-    with ThreadPoolExecutor(len(colors)) as pool:
-        answers = list(pool.map(post, range(len(colors))))
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(post, range(len(prompts))))
     assert all(r.status_code == 201 for r in answers), [r.text for r in answers]
     stats = [r.json()["stats"] for r in answers]
     assert len({s["replica"] for s in stats}) == 1 and all(s["fetched"] == [] for s in stats)
