@@ -378,27 +378,44 @@ class CacheReader:
         """Whether this step of a delta left `key` entirely to the parent (an empty edit)."""
         return self.parent is not None and key not in self.cache.steps[self.step]
 
-    def gather(self, key: str, cells: torch.Tensor) -> torch.Tensor:
-        """Values at `cells` (flat indices of the key's level): `[B, len(cells), C]`."""
-        return self._from_owners(key, cells, lambda reader, rows: reader._stored(key, rows))
+    def gather(self, key: str, cells: torch.Tensor, grouped: bool = False) -> torch.Tensor:
+        """Values at `cells` (flat indices of the key's level): `[B, len(cells), C]`; with `grouped`,
+        in the order `grouped_order` gives."""
+        return self._from_owners(key, cells, lambda reader, rows: reader._stored(key, rows), grouped)
 
-    def gather_normalized(self, key: str, cells: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool):
+    def gather_normalized(
+        self, key: str, cells: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool, grouped: bool = False
+    ):
         """The output of group norm `norm` (+ SiLU) at `cells`, as this version computed it.
 
         Along a delta chain each cell is normalised with the statistics of the version that last
         recomputed it: outside an edit's mask its norm output is its parent's, not a renormalisation
         of the parent's input under the edit's statistics.
         """
-        return self._from_owners(key, cells, lambda reader, rows: reader._normalize(key, rows, norm, silu))
+        return self._from_owners(
+            key, cells, lambda reader, rows: reader._normalize(key, rows, norm, silu), grouped
+        )
 
-    def _from_owners(self, key: str, cells: torch.Tensor, read) -> torch.Tensor:
+    def grouped_order(self, key: str, cells: torch.Tensor) -> torch.Tensor | None:
+        """Which of `cells` each row of a `grouped` gather holds (positions in `cells`), or None when
+        they come in the order of `cells`. The same at every step of an edit: a caller that can
+        take the rows in any order (a sum, or an index it remaps once) saves a scatter per read."""
+        if self.parent is None:
+            return None
+        split = self._split(self.cache.levels[key], cells)
+        return None if len(split) == 1 else torch.cat([at for _, _, at in split])
+
+    def _from_owners(self, key: str, cells: torch.Tensor, read, grouped: bool = False) -> torch.Tensor:
         """`read(reader, rows)` of the chain's caches, each for the `cells` it computed last, in the
-        order of `cells`: one read per cache that holds some of them."""
+        order of `cells` (`grouped`: one cache's rows after another's): one read per cache that
+        holds some of them."""
         if self.parent is None:
             return read(self, cells)
         split = self._split(self.cache.levels[key], cells)
         if len(split) == 1:
             return read(self.chain[split[0][0]], split[0][1])
+        if grouped:
+            return torch.cat([read(self.chain[member], rows) for member, rows, _ in split], dim=1)
         out = None
         for member, rows, at in split:
             values = read(self.chain[member], rows)

@@ -87,14 +87,16 @@ class SparseUNet:
         self.unet = unet
         self.names = {m: n for n, m in unet.named_modules()}
         self._gemm_weights: dict[nn.Module, tuple[tuple, GemmWeight]] = {}
-        self._pass_indices: tuple[tuple[GatherPlans, ...], dict] = ((), {})
+        self._pass_indices: tuple[tuple, dict] = ((), {})
 
-    def pass_indices(self, plans: tuple[GatherPlans, ...]) -> dict:
-        """Conv gather indices of a pass over these lanes' plans, kept while the same edits run
-        together (every step of one `edit_batch`)."""
+    def pass_indices(self, lanes: list[Lane]) -> dict:
+        """Conv gather indices of a pass over these lanes, kept while the same edits run together
+        (every step of one `edit_batch`): they depend on each lane's plans and on where its
+        parent's chain keeps the halo cells (`CacheReader.grouped_order`)."""
+        key = tuple(item for lane in lanes for item in (lane.plans, lane.parent.cache))
         held, indices = self._pass_indices
-        if len(held) != len(plans) or any(a is not b for a, b in zip(held, plans, strict=False)):
-            self._pass_indices = (plans, indices := {})
+        if len(held) != len(key) or any(a is not b for a, b in zip(held, key, strict=False)):
+            self._pass_indices = (key, indices := {})
         return indices
 
     def gemm_weight(self, layer: nn.Linear | nn.Conv2d) -> GemmWeight:
@@ -208,7 +210,7 @@ class _Run:
             x.index_select(1, lane.plans.pyramid.cells[0]) for x, lane in zip(inputs, self.lanes, strict=True)
         ]
         x0 = torch.cat(active, dim=1)
-        h = self.conv(unet.conv_in, Active(x0, 0), lambda j, cells: inputs[j].index_select(1, cells))
+        h = self.conv(unet.conv_in, Active(x0, 0), lambda j, cells: (inputs[j].index_select(1, cells), None))
         skips = [h]
         for block in unet.down_blocks:
             attentions = getattr(block, "attentions", None)
@@ -253,17 +255,23 @@ class _Run:
         if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and not upsampled:
             return Active(self.pointwise(conv, x.values), out_level)
         plans = [lane.plans.conv(conv, x.level, out_level, upsampled) for lane in self.lanes]
-        halos = [halo_of(j, cells).to(x.values.dtype) for j, (_, cells) in enumerate(plans) if len(cells)]
+        halos, orders = [], []
+        for j, (_, cells) in enumerate(plans):
+            values, order = halo_of(j, cells) if len(cells) else (None, None)
+            if values is not None:
+                halos.append(values.to(x.values.dtype))
+            orders.append(order)
         halo = _cat(halos) if halos else x.values[:, :0]
-        if len(self.lanes) == 1:
-            index = plans[0][0]
-        else:
-            indices = self.sparse.pass_indices(tuple(lane.plans for lane in self.lanes))
-            key = (conv, x.level, out_level, upsampled)
-            if key not in indices:
-                indices[key] = _pass_index(plans, self.counts(x.level))
-            index = indices[key]
-        out = sparse_conv2d(x.values, halo, index, self.sparse.gemm_weight(conv), conv.bias)
+        indices = self.sparse.pass_indices(self.lanes)
+        key = (conv, x.level, out_level, upsampled)
+        if key not in indices:  # once per edit: the halos' order is the same at every step
+            counts = self.counts(x.level)
+            plans = [
+                (_reordered(index, n, order), cells)
+                for (index, cells), n, order in zip(plans, counts, orders, strict=True)
+            ]
+            indices[key] = plans[0][0] if len(plans) == 1 else _pass_index(plans, counts)
+        out = sparse_conv2d(x.values, halo, indices[key], self.sparse.gemm_weight(conv), conv.bias)
         return Active(out, out_level)
 
     def norm_act(self, norm: nn.GroupNorm, key: str, x: Active, silu: bool):
@@ -280,7 +288,8 @@ class _Run:
             raise ValueError(f"lanes of one pass store {key!r} differently: {sorted(kinds)}")
         sums_only = kinds.pop() == NORM_CELL_SUMS
         parent_sums = torch.stack([lane.parent.stats(key) for lane in lanes], dim=2)  # [2, B, L, G]
-        parent_rows = _cat([lane.parent.gather(key, lane.plans.pyramid.cells[level]) for lane in lanes])
+        # each lane's rows in its chain's order: only their sums are needed
+        parent_rows = _cat([lane.parent.gather(key, lane.plans.pyramid.cells[level], True) for lane in lanes])
         if sums_only:  # the parent keeps per-cell sums in float32; so will this edit
             new_cells = cell_sums(x.values, groups)
             removed = segment_sums(parent_rows, segment, len(lanes))
@@ -306,8 +315,10 @@ class _Run:
                     stats = parent_sums[:, :, j] - removed[:, :, j] + group_sums(stored, groups)
             lane.record[key + STATS] = stats
 
-        def halo(j: int, halo_cells: torch.Tensor) -> torch.Tensor:
-            return self.lanes[j].parent.gather_normalized(key, halo_cells, norm, silu)
+        def halo(j: int, halo_cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            parent = self.lanes[j].parent
+            values = parent.gather_normalized(key, halo_cells, norm, silu, grouped=True)
+            return values, parent.grouped_order(key, halo_cells)
 
         return out, halo
 
@@ -381,8 +392,13 @@ class _Run:
         return self.conv(up.conv, x, self.cached(key), x.level - 1, True)
 
     def cached(self, key: str):
-        """The halo function reading a lane's parent's stored values of `key`."""
-        return lambda j, cells: self.lanes[j].parent.gather(key, cells)
+        """The halo function reading a lane's parent's stored values of `key` (see `conv`)."""
+
+        def halo(j: int, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            parent = self.lanes[j].parent
+            return parent.gather(key, cells, grouped=True), parent.grouped_order(key, cells)
+
+        return halo
 
     def pointwise(self, layer: nn.Linear | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         """`layer` (a linear or a 1x1 conv) on token-major rows, through its prepared weight."""
@@ -410,6 +426,18 @@ def _pass_index(plans: list[tuple[torch.Tensor, torch.Tensor]], active_counts: l
         indices.append(torch.where(index < n, index + active_base, inside))
         active_base, halo_base = active_base + n, halo_base + m
     return torch.cat(indices)
+
+
+def _reordered(index: torch.Tensor, active: int, order: torch.Tensor | None) -> torch.Tensor:
+    """A lane's gather plan `index` (rows `[active, halo, zero]`) for its halo rows in `order` (the
+    halo position each row holds, `CacheReader.grouped_order`) instead of in the plan's order."""
+    if order is None:
+        return index
+    halos = len(order)
+    row_of = torch.empty_like(order)
+    row_of[order] = torch.arange(halos, device=order.device)
+    is_halo = (index >= active) & (index < active + halos)
+    return torch.where(is_halo, active + row_of[(index - active).clamp(0, halos - 1)], index)
 
 
 def _cat(rows: list[torch.Tensor]) -> torch.Tensor:
