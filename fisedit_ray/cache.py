@@ -347,7 +347,7 @@ class CacheReader:
         dtype: torch.dtype,
         splits: dict | None = None,
     ):
-        """`splits`: a memo of which chain member holds which cells (`_split`), shared by the
+        """`splits`: a memo of which chain member holds which cells (`_placement`), shared by the
         readers of one edit's steps (the caller's: it must not outlive the cells it was asked for)."""
         self.cache, self.step, self.device, self.dtype = cache, step, device, dtype
         self.parent = cache.parent.reader(step, device, dtype) if cache.parent is not None else None
@@ -402,8 +402,7 @@ class CacheReader:
         take the rows in any order (a sum, or an index it remaps once) saves a scatter per read."""
         if self.parent is None:
             return None
-        split = self._split(self.cache.levels[key], cells)
-        return None if len(split) == 1 else torch.cat([at for _, _, at in split])
+        return self._placement(self.cache.levels[key], cells)[1]
 
     def _from_owners(self, key: str, cells: torch.Tensor, read, grouped: bool = False) -> torch.Tensor:
         """`read(reader, rows)` of the chain's caches, each for the `cells` it computed last, in the
@@ -411,7 +410,7 @@ class CacheReader:
         holds some of them."""
         if self.parent is None:
             return read(self, cells)
-        split = self._split(self.cache.levels[key], cells)
+        split = self._placement(self.cache.levels[key], cells)[0]
         if len(split) == 1:
             return read(self.chain[split[0][0]], split[0][1])
         if grouped:
@@ -424,9 +423,12 @@ class CacheReader:
             out[:, at] = values
         return out
 
-    def _split(self, level: int, cells: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    def _placement(
+        self, level: int, cells: torch.Tensor
+    ) -> tuple[list[tuple[int, torch.Tensor, torch.Tensor]], torch.Tensor | None]:
         """`(chain member, its rows, positions in cells)` for each member that computed some of
-        `cells` last. The same at every step of an edit (its gather plans are): kept in `splits`."""
+        `cells` last, and the positions in member order (`grouped_order`; None for one member).
+        The same at every step of an edit (its gather plans are): kept in `splits`."""
         memo = (level, id(cells))
         held = self.splits.get(memo)
         if held is not None and held[0] is cells:
@@ -438,8 +440,9 @@ class CacheReader:
         for member in present:
             at = (who == member).nonzero().squeeze(1)
             split.append((member, rows[at], at.to(self.device)))
-        self.splits[memo] = (cells, split)  # holding `cells`: its id stays its own
-        return split
+        order = None if len(split) == 1 else torch.cat([at for _, _, at in split])
+        self.splits[memo] = (cells, (split, order))  # holding `cells`: its id stays its own
+        return split, order
 
     def _normalize(self, key: str, rows: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool):
         step = self.cache.steps[self.step]

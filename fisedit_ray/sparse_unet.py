@@ -257,8 +257,9 @@ class _Run:
         plans = [lane.plans.conv(conv, x.level, out_level, upsampled) for lane in self.lanes]
         halos, orders = [], []
         for j, (_, cells) in enumerate(plans):
-            values, order = halo_of(j, cells) if len(cells) else (None, None)
-            if values is not None:
+            order = None
+            if len(cells):
+                values, order = halo_of(j, cells)
                 halos.append(values.to(x.values.dtype))
             orders.append(order)
         halo = _cat(halos) if halos else x.values[:, :0]
