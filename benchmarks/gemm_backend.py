@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from timing import median_seconds
 
-from fisedit_ray.kernels.linear import GemmWeight, linear
+from fisedit_ray.kernels.linear import GemmWeight, linear, packing_available
 
 SHAPES = [  # (K, N): weight [N, K]
     (23040, 1280),
@@ -47,6 +47,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows_out = []
     for dtype in (torch.float32, torch.bfloat16):
+        if not packing_available(dtype):
+            print(f"{dtype}: this CPU cannot pack it for oneDNN (bfloat16 needs AVX-512): skipped")
+            continue
         print(f"{dtype}: plain time / packed time")
         print(f"{'K x N':>14}" + "".join(f"{m:>8}" for m in ROWS))
         for k, n in SHAPES:

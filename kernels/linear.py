@@ -22,8 +22,12 @@ PACKED_MIN_WEIGHT = {torch.float32: 2**20, torch.bfloat16: 0}
 _PACK_ROWS_HINT = 64  # oneDNN lays the weight out for about this many rows; any count works
 
 
-def packing_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def packing_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN can pack a `dtype` weight on this CPU: bfloat16 needs AVX-512 (BW, VL, DQ) or
+    AVX-NE-CONVERT, which not every machine of the same kind has."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class GemmWeight:
             weight.device.type == "cpu"
             and weight.dtype in PACKED_MIN_WEIGHT
             and weight.numel() >= PACKED_MIN_WEIGHT[weight.dtype]
-            and packing_available()
+            and packing_available(weight.dtype)
         ):
             return cls.pack(weight)
         return cls(weight)
