@@ -56,6 +56,7 @@ STATS = ":stats"
 SCALE = ":scale"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
 FORMAT_VERSION = 2
+READ_AHEAD_BYTES = 2**20  # per gather (see `CacheReader`): bounds what an edit holds ahead
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -89,6 +90,8 @@ class ActivationCache:
     _rank: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
     _owners: dict = field(default_factory=dict, repr=False)  # see `owners`
     _norm_affine: dict = field(default_factory=dict, repr=False)  # see `CacheReader._norm_affine`
+    _by_step: dict = field(default_factory=dict, repr=False)  # see `steps_of`
+    planned_steps: int | None = field(default=None, repr=False)  # while recording: see `_recorded`
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -101,6 +104,7 @@ class ActivationCache:
             dict(parent.skips),
             parent=parent,
             cells=tuple(c.cpu() for c in cells),
+            planned_steps=parent.num_steps,
         )
 
     @property
@@ -125,7 +129,7 @@ class ActivationCache:
         """`values` `[B, N, C]` as stored: in the storage dtype, or int8 with a float16 scale per cell."""
         values = values.detach()
         if self.storage_dtype != torch.int8:
-            return values.to(self.storage_dtype).contiguous(), None
+            return values.to(self.storage_dtype), None
         amax = values.abs().amax(dim=-1, keepdim=True).float()
         scale = (amax / 127).clamp(min=2**-14, max=65504).half()  # normal float16 range
         q = (values.float() / scale.float()).round().clamp(-127, 127).to(torch.int8)
@@ -150,12 +154,9 @@ class ActivationCache:
             values, tail = values[..., :-c], self.decode(*self.encode(values[..., -c:]))
         payload, scale = self.encode(values)
         decoded = self.decode(payload, scale)
-        if rows is not None:
-            payload = payload.index_select(1, rows)
-            scale = None if scale is None else scale.index_select(1, rows)
-        into[key] = payload
+        into[key] = self._recorded(key, payload, rows)
         if scale is not None:
-            into[key + SCALE] = scale
+            into[key + SCALE] = self._recorded(key + SCALE, scale, rows)
         return decoded if tail is None else torch.cat([decoded, tail], dim=-1)
 
     def rank(self, level: int) -> torch.Tensor:
@@ -184,9 +185,36 @@ class ActivationCache:
         return self._owners[level]
 
     def reader(
-        self, step: int, device: torch.device | str = "cpu", dtype=torch.float32, splits: dict | None = None
+        self, step: int, device: torch.device | str = "cpu", dtype=torch.float32, memo: dict | None = None
     ) -> CacheReader:
-        return CacheReader(self, step, torch.device(device), dtype, splits)
+        return CacheReader(self, step, torch.device(device), dtype, memo)
+
+    def _recorded(self, key: str, t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """`t` (its `rows`) as stored at the step being recorded: while the number of steps is known
+        (`planned_steps`), written into its step's slot of `steps_of(key)`, which then copies
+        nothing."""
+        step, stacked = len(self.steps), self._by_step.get(key)
+        if self.planned_steps is None or step >= self.planned_steps or (stacked is None and step > 0):
+            return (t if rows is None else t.index_select(1, rows)).contiguous()
+        if stacked is None:
+            shape = t.shape if rows is None else (t.shape[0], len(rows), *t.shape[2:])
+            stacked = self._by_step[key] = t.new_empty(self.planned_steps, *shape)
+        if rows is None:
+            return stacked[step].copy_(t)
+        return torch.index_select(t, 1, rows, out=stacked[step])
+
+    def steps_of(self, key: str) -> torch.Tensor:
+        """Every step's stored `key` as one tensor `[steps, ...]`, so that one read covers several
+        steps: recorded so, or built once (a copy), after which each step's entry is a view of it:
+        no tensor is kept twice (but for a cache loaded `from_arrays`, whose buffer stays until
+        every key is stacked)."""
+        stacked = self._by_step.get(key)
+        if stacked is None or len(stacked) != self.num_steps:
+            stacked = torch.stack([step[key] for step in self.steps])
+            for step, view in zip(self.steps, stacked.unbind(0), strict=True):
+                step[key] = view
+            self._by_step[key] = stacked
+        return stacked
 
     # ---- byte accounting ----------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -337,7 +365,13 @@ def _bytes_of(t: torch.Tensor) -> np.ndarray:
 
 
 class CacheReader:
-    """A version's cached values at one step, in compute dtype and device, through its delta chain."""
+    """A version's cached values at one step, in compute dtype and device, through its delta chain.
+
+    The readers of one edit's steps share a `memo` (the caller's: it must not outlive the cells it
+    was asked for): which chain member holds which cells (`_placement`), and what a gather read
+    ahead for the next steps. The cells an edit reads are the same at every step, and a sparse
+    pass reads hundreds of small row sets per step: one read per row set for several steps at once
+    costs a fraction of the operations. Without a memo a reader reads its own step only."""
 
     def __init__(
         self,
@@ -345,23 +379,23 @@ class CacheReader:
         step: int,
         device: torch.device,
         dtype: torch.dtype,
-        splits: dict | None = None,
+        memo: dict | None = None,
     ):
-        """`splits`: a memo of which chain member holds which cells (`_placement`), shared by the
-        readers of one edit's steps (the caller's: it must not outlive the cells it was asked for)."""
         self.cache, self.step, self.device, self.dtype = cache, step, device, dtype
         self.parent = cache.parent.reader(step, device, dtype) if cache.parent is not None else None
         self.chain = [self] if self.parent is None else [*self.parent.chain, self]  # the root's first
-        self.splits = {} if splits is None else splits
+        self.reads_ahead = memo is not None
+        self.memo = {} if memo is None else memo
 
-    def _stored(self, key: str, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """This version's own stored rows of `key`, decoded (per-cell sums stay float32)."""
-        step = self.cache.steps[self.step]
-        payload, scale = step[key], step.get(key + SCALE)
+    def _stored(self, key: str, rows: torch.Tensor | None, steps: int) -> torch.Tensor:
+        """This version's own stored rows of `key` at `steps` steps from this one, decoded (per-cell
+        sums stay float32): `[steps, B, rows, C]`."""
+        payload = self.cache.steps_of(key)[self.step : self.step + steps]
+        scale = self.cache.steps_of(key + SCALE)[self.step : self.step + steps] if self._scaled(key) else None
         if rows is not None:
             rows = rows if rows.device == payload.device else rows.to(payload.device)
-            payload = payload.index_select(1, rows)
-            scale = None if scale is None else scale.index_select(1, rows)
+            payload = payload.index_select(2, rows)
+            scale = None if scale is None else scale.index_select(2, rows)
         if payload.device != self.device:
             payload = payload.to(self.device, non_blocking=True)
         if self.cache.kinds[key] == NORM_CELL_SUMS:
@@ -371,8 +405,11 @@ class CacheReader:
         values = self.cache.decode(payload, scale, self.dtype)
         skip = self.cache.skips.get(key)
         if skip is not None:
-            values = torch.cat([values, self._stored(skip, rows)], dim=-1)
+            values = torch.cat([values, self._stored(skip, rows, steps)], dim=-1)
         return values
+
+    def _scaled(self, key: str) -> bool:
+        return key + SCALE in self.cache.steps[self.step]
 
     def _inherits(self, key: str) -> bool:
         """Whether this step of a delta left `key` entirely to the parent (an empty edit)."""
@@ -381,7 +418,8 @@ class CacheReader:
     def gather(self, key: str, cells: torch.Tensor, grouped: bool = False) -> torch.Tensor:
         """Values at `cells` (flat indices of the key's level): `[B, len(cells), C]`; with `grouped`,
         in the order `grouped_order` gives."""
-        return self._from_owners(key, cells, lambda reader, rows: reader._stored(key, rows), grouped)
+        read = lambda reader, rows, steps: reader._stored(key, rows, steps)  # noqa: E731
+        return self._from_owners(("values", key), key, cells, read, grouped)
 
     def gather_normalized(
         self, key: str, cells: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool, grouped: bool = False
@@ -392,9 +430,8 @@ class CacheReader:
         recomputed it: outside an edit's mask its norm output is its parent's, not a renormalisation
         of the parent's input under the edit's statistics.
         """
-        return self._from_owners(
-            key, cells, lambda reader, rows: reader._normalize(key, rows, norm, silu), grouped
-        )
+        read = lambda reader, rows, steps: reader._normalize(key, rows, norm, silu, steps)  # noqa: E731
+        return self._from_owners(("normalized", key, norm, silu), key, cells, read, grouped)
 
     def grouped_order(self, key: str, cells: torch.Tensor) -> torch.Tensor | None:
         """Which of `cells` each row of a `grouped` gather holds (positions in `cells`), or None when
@@ -404,33 +441,52 @@ class CacheReader:
             return None
         return self._placement(self.cache.levels[key], cells)[1]
 
-    def _from_owners(self, key: str, cells: torch.Tensor, read, grouped: bool = False) -> torch.Tensor:
-        """`read(reader, rows)` of the chain's caches, each for the `cells` it computed last, in the
-        order of `cells` (`grouped`: one cache's rows after another's): one read per cache that
-        holds some of them."""
+    def _from_owners(self, what: tuple, key: str, cells: torch.Tensor, read, grouped: bool) -> torch.Tensor:
+        """This step's rows of `read(reader, rows, steps)` of the chain's caches, each for the `cells`
+        it computed last, in the order of `cells` (`grouped`: one cache's rows after another's):
+        one read per cache that holds some of them, for as many steps ahead as `_steps_ahead`
+        allows, kept in the memo until the steps after them are asked for."""
+        memo = (what, id(cells), grouped)
+        held = self.memo.get(memo)
+        if held is None or held[0] is not cells or not 0 <= self.step - held[1] < len(held[2]):
+            held = (cells, self.step, self._read_owners(key, cells, read, grouped))
+            self.memo[memo] = held  # holding `cells`: its id stays its own
+        return held[2][self.step - held[1]]
+
+    def _read_owners(self, key: str, cells: torch.Tensor, read, grouped: bool) -> torch.Tensor:
+        steps = self._steps_ahead(key, len(cells))
         if self.parent is None:
-            return read(self, cells)
+            return read(self, cells, steps)
         split = self._placement(self.cache.levels[key], cells)[0]
         if len(split) == 1:
-            return read(self.chain[split[0][0]], split[0][1])
+            return read(self.chain[split[0][0]], split[0][1], steps)
         if grouped:
-            return torch.cat([read(self.chain[member], rows) for member, rows, _ in split], dim=1)
+            return torch.cat([read(self.chain[member], rows, steps) for member, rows, _ in split], dim=2)
         out = None
         for member, rows, at in split:
-            values = read(self.chain[member], rows)
+            values = read(self.chain[member], rows, steps)
             if out is None:
-                out = values.new_empty(values.shape[0], len(cells), values.shape[2])
-            out[:, at] = values
+                out = values.new_empty(*values.shape[:2], len(cells), values.shape[3])
+            out[:, :, at] = values
         return out
+
+    def _steps_ahead(self, key: str, rows: int) -> int:
+        """How many steps from this one a gather of `rows` rows of `key` reads at once: as many as
+        fit in `READ_AHEAD_BYTES` (at least this one; only this one without a shared memo)."""
+        if not self.reads_ahead:
+            return 1
+        stored = self.chain[0].cache.steps[self.step][key]  # the root keeps every key
+        per_step = max(1, rows * stored.shape[0] * stored.shape[-1] * self.dtype.itemsize)
+        return max(1, min(self.cache.num_steps - self.step, READ_AHEAD_BYTES // per_step))
 
     def _placement(
         self, level: int, cells: torch.Tensor
     ) -> tuple[list[tuple[int, torch.Tensor, torch.Tensor]], torch.Tensor | None]:
         """`(chain member, its rows, positions in cells)` for each member that computed some of
         `cells` last, and the positions in member order (`grouped_order`; None for one member).
-        The same at every step of an edit (its gather plans are): kept in `splits`."""
-        memo = (level, id(cells))
-        held = self.splits.get(memo)
+        The same at every step of an edit (its gather plans are): kept in the memo."""
+        memo = ("placement", level, id(cells))
+        held = self.memo.get(memo)
         if held is not None and held[0] is cells:
             return held[1]
         owner, row = self.cache.owners(level)
@@ -441,29 +497,38 @@ class CacheReader:
             at = (who == member).nonzero().squeeze(1)
             split.append((member, rows[at], at.to(self.device)))
         order = None if len(split) == 1 else torch.cat([at for _, _, at in split])
-        self.splits[memo] = (cells, (split, order))  # holding `cells`: its id stays its own
+        self.memo[memo] = (cells, (split, order))  # holding `cells`: its id stays its own
         return split, order
 
-    def _normalize(self, key: str, rows: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool):
-        step = self.cache.steps[self.step]
-        scale, shift = self._norm_affine(key, norm)
-        payload = step[key]
-        if payload.device == self.device and key not in self.cache.skips:
+    def _normalize(self, key: str, rows: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool, steps: int):
+        """`norm` (+ SiLU) of this version's own rows of `key`, under its statistics, at `steps` steps
+        from this one: `[steps, B, rows, C]`; the steps are folded into the batch dimension."""
+        affine = [self._norm_affine(self.step + s, key, norm) for s in range(steps)]
+        # [steps * B, C], as the steps fold into the batch dimension
+        scale, shift = (torch.cat(a) if steps > 1 else a[0] for a in zip(*affine, strict=True))
+        if self.cache.steps[self.step][key].device == self.device and key not in self.cache.skips:
             # gather, decode, normalise and activate in one pass (one kernel on a GPU)
-            x_scale = step.get(key + SCALE)
-            return gather_norm_act(payload, rows.to(self.device), scale, shift, silu, x_scale, self.dtype)
-        return gather_norm_act(self._stored(key, rows), None, scale, shift, silu)
+            payload = self.cache.steps_of(key)[self.step : self.step + steps]
+            x_scale = None
+            if self._scaled(key):
+                x_scale = self.cache.steps_of(key + SCALE)[self.step : self.step + steps].flatten(0, 1)
+            rows = rows.to(self.device)
+            y = gather_norm_act(payload.flatten(0, 1), rows, scale, shift, silu, x_scale, self.dtype)
+        else:
+            y = gather_norm_act(self._stored(key, rows, steps).flatten(0, 1), None, scale, shift, silu)
+        return y.unflatten(0, (steps, -1))
 
-    def _norm_affine(self, key: str, norm: torch.nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """`norm`'s per-channel scale and shift under this version's statistics at this step. Kept
-        with the cache: every later edit over this version reads them again at every step (a
+    def _norm_affine(self, step: int, key: str, norm: torch.nn.GroupNorm) -> tuple[torch.Tensor, ...]:
+        """`norm`'s per-channel scale and shift `[B, C]` under this version's statistics at `step`.
+        Kept with the cache: every later edit over this version reads them again at every step (a
         cache is read with the weights that recorded it)."""
-        memo = (self.step, key, self.dtype, self.device)
+        memo = (step, key, self.dtype, self.device)
         affine = self.cache._norm_affine.get(memo)
         if affine is None:
             h, w = self.cache.sizes[self.cache.levels[key]]
             channels = norm.num_channels
-            mean, rstd = group_stats(self.stats(key), h * w * channels // norm.num_groups, norm.eps)
+            stats = self.cache.steps[step][key + STATS].to(self.device)
+            mean, rstd = group_stats(stats, h * w * channels // norm.num_groups, norm.eps)
             affine = norm_scale_shift(mean, rstd, norm.weight, norm.bias, channels, self.dtype)
             self.cache._norm_affine[memo] = affine
         return affine
@@ -473,7 +538,7 @@ class CacheReader:
         caller's buffer for `key` in `scratch`, refilled (a big map in fresh memory costs a page
         fault per 4 KiB at every step; a buffer kept for all the steps of an edit does not)."""
         if self.parent is None:
-            stored = self._stored(key)
+            stored = self._stored(key, None, 1)[0]
             buffer = None if scratch is None else scratch.get(key)
             if buffer is None or buffer.shape != stored.shape or buffer.dtype != stored.dtype:
                 buffer = stored.clone(memory_format=torch.contiguous_format)
@@ -485,7 +550,7 @@ class CacheReader:
             return self.parent.full(key, scratch)
         values = self.parent.full(key, scratch)  # the caller's: this version's rows go in in place
         cells = self.cache.cells[self.cache.levels[key]].to(self.device)
-        values[:, cells] = self._stored(key).to(values.dtype)
+        values[:, cells] = self._stored(key, None, 1)[0].to(values.dtype)
         return values
 
     def stats(self, key: str) -> torch.Tensor:

@@ -117,7 +117,7 @@ class _SparseJob:
     output: torch.Tensor | None = None
     text_kv: dict = field(default_factory=dict)  # the lane's cross-attention keys/values, all steps
     scratch: dict = field(default_factory=dict)  # the lane's buffers, refilled at every step
-    splits: dict = field(default_factory=dict)  # where the parent's chain keeps each gathered cell
+    reads: dict = field(default_factory=dict)  # the parent's reads: placements, steps read ahead
 
     def cell_counts(self) -> tuple[int, ...]:
         return tuple(len(cells) for cells in self.plans.pyramid.cells)
@@ -131,7 +131,7 @@ class _SparseJob:
         t = self.run.scheduler.timesteps[i]
         self.cache.latents.append(self.run.latents)
         self.record = {}
-        reader = self.parent.cache.reader(i, engine.device, engine.dtype, self.splits)
+        reader = self.parent.cache.reader(i, engine.device, engine.dtype, self.reads)
         x = engine._model_input(self.run, t)
         self.lane = Lane(
             x, t, self.run.embeds, reader, self.plans, self.record, self.cache, self.text_kv, self.scratch
@@ -622,6 +622,7 @@ class EditEngine:
         hooks = LockstepHooks(unet, cache.sizes) if len(runs) > 1 else None
         # after the lockstep hooks: the recorder must see mixed values
         recorder = CacheRecorder(unet, cache) if record else None
+        cache.planned_steps = len(runs[0].scheduler.timesteps) if record else None
         per_run_macs = []
         try:
             for i, t in enumerate(runs[0].scheduler.timesteps):

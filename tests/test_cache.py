@@ -184,3 +184,53 @@ def test_up_block_inputs_keep_h_and_read_their_skip_from_the_down_path(sd1_pipe)
         stored = cache.steps[0][key]
         assert stored.shape[-1] == seen[key].shape[-1] - cache.steps[0][skip].shape[-1]
         assert torch.equal(reader.full(key), seen[key])  # h from its own key, the skip from the other
+
+
+def test_readers_of_one_edit_read_several_steps_at_once_and_the_same_values(sd1_pipe, monkeypatch):
+    """Caches are recorded with each key's steps in one tensor; readers sharing a memo (an edit's)
+    read each row set once for several steps; every step's values equal a lone reader's, across a
+    delta chain, with int8 scales and skip keys."""
+    engine = EditEngine.from_pipeline(sd1_pipe, cache_dtype=torch.int8)
+
+    def recorded(version):  # in the all-steps layout as recorded, before any read: no copy to make
+        c = version.cache
+        for key in [k for k, kind in c.kinds.items() if kind in ("norm_input", "down_input", "up_input")]:
+            storage = c.steps[-1][key].untyped_storage().data_ptr()
+            assert c.steps_of(key).untyped_storage().data_ptr() == storage, key
+        return version
+
+    root = recorded(engine.generate(PROMPT, seed=3, num_inference_steps=4, output_type="latent"))
+    child = recorded(engine.edit(root, EDIT, mask=blob_mask((16, 16), 0.3, seed=1), output_type="latent"))
+    version = recorded(
+        engine.edit(child, "a cat", mask=blob_mask((16, 16), 0.3, seed=2), output_type="latent")
+    )
+    cache, modules = version.cache, dict(sd1_pipe.unet.named_modules())
+    keys = [k for k, kind in cache.kinds.items() if kind in ("norm_input", "down_input", "up_input")]
+    assert any(k in cache.skips for k in keys) and "k:scale" not in keys
+    cells = {
+        k: torch.arange(0, cache.sizes[cache.levels[k]][0] * cache.sizes[cache.levels[k]][1], 3) for k in keys
+    }
+    stacked_reads = []
+    steps_of = ActivationCache.steps_of
+    monkeypatch.setattr(
+        ActivationCache, "steps_of", lambda self, key: stacked_reads.append(key) or steps_of(self, key)
+    )
+    memo = {}
+
+    def read_shared(read, *args):  # a later step reads nothing of the cache: it was read ahead
+        stacked_reads.clear()
+        values = read(*args)
+        assert step == 0 or not stacked_reads, f"step {step} read {stacked_reads}"
+        return values
+
+    for step in range(cache.num_steps):
+        shared, alone = cache.reader(step, memo=memo), cache.reader(step)
+        assert len(shared.chain) == 3
+        for key in keys:
+            for grouped in (False, True):
+                got = read_shared(shared.gather, key, cells[key], grouped)
+                assert torch.equal(got, alone.gather(key, cells[key], grouped)), key
+                if cache.kinds[key] == "norm_input":
+                    args = (key, cells[key], modules[key], True, grouped)
+                    got = read_shared(shared.gather_normalized, *args)
+                    assert torch.equal(got, alone.gather_normalized(*args)), key
