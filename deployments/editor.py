@@ -10,7 +10,8 @@ An edit without a mask gets one from the mask-generation pool (`masker`) on its 
 freezes it into the lineage, with how it was found (`capture`). Sparse edits whose parent is hot go
 through a batcher (`@serve.batch`): the edits that arrive
 together are grouped by step count, guidance and sparsity bucket, and each group runs as one
-`EditEngine.edit_batch` (one sparse pass per step for all of them).
+`EditEngine.edit_batch` (one sparse pass per step for all of them). Edits that arrive while a batch
+runs wait for it to finish and then form the next batch together.
 
 The engine runs in a worker thread (it serves one call at a time, `EditEngine`'s lock), never on
 the replica's event loop: a loop blocked by seconds of compute per queued request delays the
@@ -60,6 +61,11 @@ class Editor:
         self.engine = EditEngine.from_pretrained(model, cache_dtype=cache_dtype)
         self.hot_bytes = hot_bytes  # a budget for the versions' own caches (a generation's is big)
         self.hot: OrderedDict[tuple[str, str], Version] = OrderedDict()  # LRU of versions
+        # `serve.batch` forms a batch while the previous one still runs; edits that come back at
+        # slightly different times would then run as two half batches, out of phase for good.
+        # Edits wait here while a batch runs, and join the next one together once it is done.
+        self._engine_idle = asyncio.Event()
+        self._engine_idle.set()
 
     def replica(self) -> str:
         return serve.get_replica_context().replica_id.unique_id
@@ -77,6 +83,7 @@ class Editor:
             mask = None if parent is None else self._latent_mask(parent, record)
             if mask is not None and record["mode"] == "sparse":
                 self.engine.check_prompt(record["prompt"])  # refused here, alone, not in a batch
+                await self._engine_idle.wait()
                 version, image_png = await self._sparse_batch(session_id, parent, record, mask)
                 fetched, rebuilt = [], []
             else:
@@ -88,6 +95,15 @@ class Editor:
 
     @serve.batch
     async def _sparse_batch(
+        self, session_ids: list[str], parents: list, records: list, masks: list
+    ) -> list[tuple[Version, bytes]]:
+        self._engine_idle.clear()
+        try:
+            return await self._run_batch(session_ids, parents, records, masks)
+        finally:
+            self._engine_idle.set()
+
+    async def _run_batch(
         self, session_ids: list[str], parents: list, records: list, masks: list
     ) -> list[tuple[Version, bytes]]:
         groups = defaultdict(list)

@@ -393,3 +393,59 @@ def test_an_editor_computes_off_its_event_loop():
 
     result = asyncio.run(run())
     assert result["version_id"] == "v0" and result["image_png"].startswith(b"\x89PNG")
+
+
+def test_edits_that_arrive_while_a_batch_runs_form_the_next_batch_together(monkeypatch):
+    """`serve.batch` alone would form a batch of each edit that came later than the batch wait while
+    the engine was busy (three batches here); an editor holds them until the engine is free."""
+    import asyncio
+    import threading
+
+    from ray.serve import batching
+
+    from fisedit_ray.deployments.editor import Editor
+
+    # outside Serve: no replica context for the batcher's check of `max_ongoing_requests` (a warning)
+    monkeypatch.setattr(
+        batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda q: None
+    )
+
+    roots = {
+        s: {"id": "v0", "prompt": PROMPT, "seed": i, "steps": 2, "guidance": 7.5, "size": 64}
+        for i, s in enumerate("abc")
+    }
+    mask = base64.b64decode(mask_png(blob_mask((32, 32), 0.2, seed=1)))  # latent size at 64 px
+    edit = {"id": "v1", "prompt": EDIT, "mask_png": mask, "mode": "sparse"}
+    started, release, sizes = threading.Event(), threading.Event(), []
+
+    async def run() -> list[dict]:
+        # built on the loop that runs it, as in a replica (its batcher binds to the running loop)
+        editor = Editor(model="tiny", owner=None, batch_wait_s=0.05)
+        editor.replica = lambda: "here"  # outside Serve: no replica context
+        edit_batch = editor.engine.edit_batch
+
+        def waiting_edit_batch(requests, **kwargs):
+            sizes.append(len(requests))
+            started.set()
+            if not release.wait(timeout=30):
+                raise RuntimeError("never released")
+            return edit_batch(requests, **kwargs)
+
+        editor.engine.edit_batch = waiting_edit_batch
+        for s, root in roots.items():
+            await editor.run(s, [root])
+        first = asyncio.ensure_future(editor.run("a", [roots["a"], edit]))
+        while not started.is_set():
+            assert not first.done(), first.result()
+            await asyncio.sleep(0.01)
+        later = []
+        for s in "bc":  # each comes longer than the batch wait after the one before
+            later.append(asyncio.ensure_future(editor.run(s, [roots[s], edit])))
+            await asyncio.sleep(0.3)
+        release.set()
+        return await asyncio.gather(first, *later)
+
+    results = asyncio.run(run())
+    assert all("error" not in r for r in results), results
+    assert sizes == [1, 2]
+    assert [r["stats"]["batch_size"] for r in results] == [1, 2, 2]
