@@ -390,8 +390,7 @@ class CacheReader:
     def _stored(self, key: str, rows: torch.Tensor | None, steps: int) -> torch.Tensor:
         """This version's own stored rows of `key` at `steps` steps from this one, decoded (per-cell
         sums stay float32): `[steps, B, rows, C]`."""
-        payload = self.cache.steps_of(key)[self.step : self.step + steps]
-        scale = self.cache.steps_of(key + SCALE)[self.step : self.step + steps] if self._scaled(key) else None
+        payload, scale = self._window(key, steps)
         if rows is not None:
             rows = rows if rows.device == payload.device else rows.to(payload.device)
             payload = payload.index_select(2, rows)
@@ -408,8 +407,12 @@ class CacheReader:
             values = torch.cat([values, self._stored(skip, rows, steps)], dim=-1)
         return values
 
-    def _scaled(self, key: str) -> bool:
-        return key + SCALE in self.cache.steps[self.step]
+    def _window(self, key: str, steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This version's stored `key` and its int8 scales (or None) at `steps` steps from this one,
+        as stored: `[steps, B, N, C]` views."""
+        window = slice(self.step, self.step + steps)
+        scaled = key + SCALE in self.cache.steps[self.step]
+        return self.cache.steps_of(key)[window], self.cache.steps_of(key + SCALE)[window] if scaled else None
 
     def _inherits(self, key: str) -> bool:
         """Whether this step of a delta left `key` entirely to the parent (an empty edit)."""
@@ -506,12 +509,10 @@ class CacheReader:
         affine = [self._norm_affine(self.step + s, key, norm) for s in range(steps)]
         # [steps * B, C], as the steps fold into the batch dimension
         scale, shift = (torch.cat(a) if steps > 1 else a[0] for a in zip(*affine, strict=True))
-        if self.cache.steps[self.step][key].device == self.device and key not in self.cache.skips:
+        payload, x_scale = self._window(key, steps)
+        if payload.device == self.device and key not in self.cache.skips:
             # gather, decode, normalise and activate in one pass (one kernel on a GPU)
-            payload = self.cache.steps_of(key)[self.step : self.step + steps]
-            x_scale = None
-            if self._scaled(key):
-                x_scale = self.cache.steps_of(key + SCALE)[self.step : self.step + steps].flatten(0, 1)
+            x_scale = None if x_scale is None else x_scale.flatten(0, 1)
             rows = rows.to(self.device)
             y = gather_norm_act(payload.flatten(0, 1), rows, scale, shift, silu, x_scale, self.dtype)
         else:
