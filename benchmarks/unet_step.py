@@ -6,9 +6,14 @@ cache recorded from one dense step, timed in the same run (warm-up, then the med
 the MACs each actually executed, and efficiency = time speed-up / MACs reduction. Next to it, the
 bound no sparse step can beat: every layer has active cells, so a step reads every weight once
 (`weight_stream_s`, one GEMM of one active cell per layer) and computes its MACs no faster than dense
-does; `efficiency_bound` is the efficiency a step at that bound would have. In bfloat16 it
-also reports how far the outputs are from float32: sparse bf16 against sparse fp32 (itself equal to
-the masked-dense reference, see the tests), next to dense bf16 against dense fp32 as the yardstick.
+does; `efficiency_bound` is the efficiency a step at that bound would have. Call by call (CPU):
+`gemm_s` is the time of the sparse step's GEMMs (each call timed on its own, in a median step),
+`gemm_pace_s` what they would take at the dense step's pace unless streaming the weight takes longer
+(the sum of max(weight bytes at the streaming rate, MACs at the dense step's MAC rate); GEMMs of
+many rows beat it, those of a few rows hardly can), and `rest_s` everything else in that step. In
+bfloat16 it also reports how far the outputs are from float32: sparse bf16 against sparse fp32
+(itself equal to the masked-dense reference, see the tests), next to dense bf16 against dense fp32
+as the yardstick.
 Writes Parquet and a PNG plot.
 
     python benchmarks/unet_step.py --latent 64
@@ -18,6 +23,7 @@ Writes Parquet and a PNG plot.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -76,6 +82,8 @@ def main() -> None:
     _, dense_macs = count_macs(dense)
     dense_s = median_seconds(dense, args.repeats)
     stream_s = weight_stream_seconds(sparse_unet, sample, args.repeats)
+    layers = [m for m in unet.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
     print(f"dense {dense_s:.3f}s; reading every weight once takes {stream_s:.3f}s")
     rows = []
     for ratio in args.ratios:
@@ -91,6 +99,9 @@ def main() -> None:
         _, sparse_macs = count_macs(sparse)
         sparse_s = median_seconds(sparse, args.repeats)
         bound_s = max(stream_s, dense_s * sparse_macs / dense_macs)
+        gemms = dict.fromkeys(("gemm_s", "gemm_pace_s", "rest_s"), float("nan"))
+        if device.type == "cpu":
+            gemms = gemm_breakdown(sparse, weight_bytes / stream_s, dense_macs / dense_s, args.repeats)
         row = {
             "latent": args.latent,
             "dtype": args.dtype,
@@ -104,6 +115,7 @@ def main() -> None:
             "efficiency": (dense_s / sparse_s) / (dense_macs / sparse_macs),
             "weight_stream_s": stream_s,
             "efficiency_bound": (dense_s / bound_s) / (dense_macs / sparse_macs),
+            **gemms,
             "cache_bytes_per_step": step_bytes,
             "threads": args.threads,
             "repeats": args.repeats,
@@ -117,7 +129,8 @@ def main() -> None:
         print(
             f"mask {row['mask_ratio']:6.1%}  dense {dense_s:7.3f}s  sparse {sparse_s:7.3f}s  "
             f"speed-up {row['speedup']:5.2f}x  MACs {row['macs_reduction']:5.2f}x  "
-            f"efficiency {row['efficiency']:.2f} (bound {row['efficiency_bound']:.2f})"
+            f"efficiency {row['efficiency']:.2f} (bound {row['efficiency_bound']:.2f})  "
+            f"GEMMs {row['gemm_s']:.3f}s (at dense pace {row['gemm_pace_s']:.3f}s), rest {row['rest_s']:.3f}s"
             + (
                 f"  |err| vs fp32: sparse {row['sparse_max_abs_error_vs_fp32']:.3g}, "
                 f"dense {row['dense_max_abs_error_vs_fp32']:.3g}"
@@ -147,6 +160,39 @@ def weight_stream_seconds(sparse_unet: SparseUNet, sample: torch.Tensor, repeats
             linear(x, w)
 
     return median_seconds(stream, repeats)
+
+
+def gemm_breakdown(step, stream_bytes_per_s: float, macs_per_s: float, repeats: int) -> dict:
+    """The GEMMs of the median of `repeats` runs of `step` against their pace (see the module
+    docstring). Times each call of `kernels.linear.linear` by wrapping it where the sparse pass
+    looks it up (a CPU's calls are synchronous; on a GPU the caller leaves the columns NaN)."""
+    import fisedit_ray.kernels.conv as conv_module
+    import fisedit_ray.sparse_unet as sparse_module
+
+    calls = []
+
+    def timed(x, weight, bias=None):
+        start = time.perf_counter()
+        out = linear(x, weight, bias)
+        seconds = time.perf_counter() - start
+        rows, k, n = x.numel() // x.shape[-1], x.shape[-1], out.shape[-1]
+        pace = max(k * n * x.element_size() / stream_bytes_per_s, rows * k * n / macs_per_s)
+        calls.append((seconds, pace))
+        return out
+
+    runs = []
+    conv_module.linear = sparse_module.linear = timed
+    try:
+        for _ in range(repeats):
+            calls.clear()
+            start = time.perf_counter()
+            step()
+            total = time.perf_counter() - start
+            runs.append((total, sum(c[0] for c in calls), sum(c[1] for c in calls)))
+    finally:
+        conv_module.linear = sparse_module.linear = linear
+    total, gemm, pace = sorted(runs)[len(runs) // 2]
+    return {"gemm_s": gemm, "gemm_pace_s": pace, "rest_s": total - gemm}
 
 
 def record(unet, sample, t, text) -> tuple[ActivationCache, SparseUNet]:
