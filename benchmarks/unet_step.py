@@ -82,8 +82,7 @@ def main() -> None:
     _, dense_macs = count_macs(dense)
     dense_s = median_seconds(dense, args.repeats)
     stream_s = weight_stream_seconds(sparse_unet, sample, args.repeats)
-    layers = [m for m in unet.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in gemm_layers(unet))
     print(f"dense {dense_s:.3f}s; reading every weight once takes {stream_s:.3f}s")
     rows = []
     for ratio in args.ratios:
@@ -148,10 +147,15 @@ def main() -> None:
     plot(rows, args.out / f"{stem}.png")
 
 
+def gemm_layers(unet: nn.Module) -> list[nn.Linear | nn.Conv2d]:
+    """The layers whose weights a step multiplies by its rows (linears, 1x1 and k x k convs)."""
+    return [m for m in unet.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
 def weight_stream_seconds(sparse_unet: SparseUNet, sample: torch.Tensor, repeats: int) -> float:
     """Median time of one GEMM per weight matrix (linears, 1x1 convs, k x k convs, prepared as the
     sparse pass reads them) over the rows of one cell in a guidance batch."""
-    layers = [m for m in sparse_unet.unet.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    layers = gemm_layers(sparse_unet.unet)
     weights = [sparse_unet.gemm_weight(m) for m in layers]
     rows = [torch.randn(sample.shape[0], m.weight[0].numel()).to(m.weight) for m in layers]
 

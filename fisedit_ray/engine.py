@@ -22,7 +22,6 @@ from typing import Literal
 import diffusers
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -35,6 +34,7 @@ from fisedit_ray.capture import (
     capture_mask,
     changed_tokens,
     combine_masks,
+    dilate,
     latent_difference,
 )
 from fisedit_ray.macs import AffineMacs, count_macs
@@ -807,8 +807,7 @@ def _pyramid_of(version: Version) -> MaskPyramid | None:
 def _composite(image: Image.Image, parent: Image.Image, mask: torch.Tensor, scale: int, margin: int = 2):
     """The parent's pixels outside the mask grown by `margin` latent cells: the decoder sees all
     latents, so far from the edit it would otherwise change pixels by rounding noise."""
-    grown = F.max_pool2d(mask[None, None].float(), 2 * margin + 1, stride=1, padding=margin)[0, 0] > 0
-    keep_new = grown.cpu().numpy().repeat(scale, 0).repeat(scale, 1)[..., None]
+    keep_new = dilate(mask, margin).cpu().numpy().repeat(scale, 0).repeat(scale, 1)[..., None]
     out = np.where(keep_new, np.asarray(image.convert("RGB")), np.asarray(parent.convert("RGB")))
     return Image.fromarray(out.astype(np.uint8))
 
