@@ -1,19 +1,28 @@
-"""Pixel-wise sparse conv against a dense conv over the whole map, per level of an SD 1.5 U-Net: the
-measured cost behind the choice of execution per layer (`kernels.conv`, `kernels.linear`).
+"""Pixel-wise against dense, per conv layer: the measured table behind the engine's choice
+(`fisedit_ray/kernels/conv_cost.py`).
 
-For a 3x3 conv of each level's shape (batch 2, as under guidance), times the sparse conv over a
-compact band of active output cells (gather of the patches and the prepared GEMM, halo included)
-against `F.conv2d` over the whole map (what a layer executed densely would run, before keeping its
-active outputs), at active fractions from 25% to 100%, with warm-ups and the median of --repeats.
-JSON out; prints dense time / sparse time (above 1: pixel-wise is faster).
+For a 3x3 conv of each level of an SD 1.5 U-Net (batch 2, as under guidance) and a compact band of
+active cells at fractions from 25% to 100%, times the two ways a sparse step can run it, as the engine
+runs them, from a cached map of the conv's input (its group norm's scale/shift and SiLU applied on
+reading, as a conv after a norm reads its parent):
+- pixel-wise: read the halo (inactive neighbours of active outputs) from the cache, then the
+  gathered-patch GEMM over the active outputs (`sparse_conv2d`);
+- dense: read every inactive cell from the cache into the whole map, `F.conv2d` over it, keep the
+  active outputs.
+Warm-ups and the median of --repeats. JSON out; prints dense time / pixel-wise time (above 1:
+pixel-wise is faster). `--table` also writes (or updates) this device's and dtype's entry of the
+table the engine ships, `fisedit_ray/kernels/conv_costs.json`.
 
     python benchmarks/conv_backend.py
+    python benchmarks/conv_backend.py --table fisedit_ray/kernels/conv_costs.json
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -22,6 +31,7 @@ from timing import median_seconds
 
 from fisedit_ray.kernels.conv import conv_matrix, sparse_conv2d
 from fisedit_ray.kernels.gather import conv_input_positions, gather_plan
+from fisedit_ray.kernels.group_norm import gather_norm_act
 from fisedit_ray.kernels.linear import GemmWeight
 
 LEVELS = [(64, 320), (32, 640), (16, 1280), (8, 1280)]  # (side, channels) at 512 px
@@ -35,44 +45,84 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("results/conv_backend.json"))
+    parser.add_argument("--table", type=Path, help="the engine's cost table to write this entry into")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     rows = []
-    print(f"{'level':>14}" + "".join(f"{f:>8.0%}" for f in FRACTIONS) + "   (dense time / sparse time)")
+    print(f"{'level':>14}" + "".join(f"{f:>8.0%}" for f in FRACTIONS) + "   (dense time / pixel-wise time)")
     for side, channels in LEVELS:
-        conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(device, dtype)
         weight = GemmWeight.of(conv_matrix(conv.weight.detach()))
-        x = torch.randn(2, channels, side, side)
-        dense_ms = 1e3 * median_seconds(
-            lambda x=x, c=conv: F.conv2d(x, c.weight, c.bias, padding=1), args.repeats, warmup=2
-        )
+        stored = torch.randn(2, side * side, channels, device=device, dtype=dtype)  # the cached input
+        scale, shift = torch.rand(2, channels, device=device, dtype=dtype), torch.randn_like(stored[:, 0])
         ratios = []
         for fraction in FRACTIONS:
-            n = round(fraction * side * side)
-            cells = torch.arange(n)  # a band of whole rows: compact, as masks are
-            rank = torch.full((side * side,), -1)
-            rank[cells] = torch.arange(n)
-            index, halo_cells = gather_plan(conv_input_positions(cells, side, (side, side), 3, 1, 1), rank)
-            active, halo = torch.randn(2, n, channels), torch.randn(2, len(halo_cells), channels)
-            sparse_ms = 1e3 * median_seconds(
-                lambda a=active, h=halo, i=index, w=weight, b=conv.bias: sparse_conv2d(a, h, i, w, b),
-                args.repeats,
-                warmup=2,
-            )
+            dense_s, sparse_s = time_both(conv, weight, stored, scale, shift, fraction, args.repeats)
             rows.append(
                 {
-                    "side": side,
+                    "cells": side * side,
                     "channels": channels,
                     "active_fraction": fraction,
-                    "dense_ms": dense_ms,
-                    "sparse_ms": sparse_ms,
+                    "dense_s": dense_s,
+                    "sparse_s": sparse_s,
                 }
             )
-            ratios.append(dense_ms / sparse_ms)
+            ratios.append(dense_s / sparse_s)
         print(f"{f'{side}x{side}x{channels}':>14}" + "".join(f"{r:8.2f}" for r in ratios), flush=True)
+    entry = {
+        "device": device.type,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "measured": datetime.date.today().isoformat(),
+        "rows": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=1))
+    args.out.write_text(json.dumps(entry, indent=1))
+    if args.table:
+        tables = json.loads(args.table.read_text())["tables"] if args.table.exists() else []
+        tables = [t for t in tables if (t["device"], t["dtype"]) != (entry["device"], entry["dtype"])]
+        args.table.write_text(json.dumps({"tables": [*tables, entry]}, indent=1) + "\n")
+
+
+def time_both(
+    conv: torch.nn.Conv2d,
+    weight: GemmWeight,
+    stored: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    fraction: float,
+    repeats: int,
+) -> tuple[float, float]:
+    """Median seconds of the dense and the pixel-wise way over a band of `fraction` active cells."""
+    _, cells_total, channels = stored.shape
+    side, device, dtype = math.isqrt(cells_total), stored.device, stored.dtype
+    n = round(fraction * cells_total)
+    cells = torch.arange(n, device=device)  # a band of whole rows: compact, as masks are
+    inactive = torch.arange(n, cells_total, device=device)
+    rank = torch.full((cells_total,), -1, device=device)
+    rank[cells] = torch.arange(n, device=device)
+    index, halo_cells = gather_plan(conv_input_positions(cells, side, (side, side), 3, 1, 1), rank)
+    active = torch.randn(2, n, channels, device=device, dtype=dtype)
+
+    def pixel_wise() -> torch.Tensor:
+        halo = gather_norm_act(stored, halo_cells, scale, shift, True)
+        return sparse_conv2d(active, halo, index, weight, conv.bias)
+
+    def dense() -> torch.Tensor:
+        full = active.new_empty(2, cells_total, channels)
+        full.index_copy_(1, cells, active)
+        full.index_copy_(1, inactive, gather_norm_act(stored, inactive, scale, shift, True))
+        grid = full.view(2, side, side, channels).permute(0, 3, 1, 2)
+        out = F.conv2d(grid, conv.weight, conv.bias, padding=1)
+        return out.permute(0, 2, 3, 1).reshape(2, -1, channels).index_select(1, cells)
+
+    error = (dense() - pixel_wise()).abs().max().item()
+    assert error < (1e-3 if dtype == torch.float32 else 0.5), f"the two ways differ by {error}"
+    return median_seconds(dense, repeats, warmup=2), median_seconds(pixel_wise, repeats, warmup=2)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import inspect
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -122,9 +123,14 @@ class _SparseJob:
     def cell_counts(self) -> tuple[int, ...]:
         return tuple(len(cells) for cells in self.plans.pyramid.cells)
 
-    def macs_key(self) -> tuple:
-        """What a pass's MACs depend on besides the active cells."""
-        return (tuple(self.plans.pyramid.sizes), tuple(self.lane.sample.shape), tuple(self.lane.text.shape))
+    def macs_key(self, conv_sites: Iterable[tuple]) -> tuple:
+        """What a pass's MACs depend on besides the active cells: shapes, and which convs run dense."""
+        return (
+            tuple(self.plans.pyramid.sizes),
+            tuple(self.lane.sample.shape),
+            tuple(self.lane.text.shape),
+            self.plans.dense_signature(conv_sites),
+        )
 
     def begin(self, engine: EditEngine, i: int) -> None:
         """Prepare step `i`: the lane the sparse pass runs."""
@@ -687,7 +693,8 @@ class EditEngine:
                 results[j] = (cache, self._run_dense([_spec(embeds, None)], parent.settings, cache))
             else:
                 run = self._start(_spec(embeds, pyramid), parent.settings)
-                lanes.append(_SparseJob(j, parent, run, GatherPlans(pyramid, self.device), cache))
+                plans = GatherPlans(pyramid, self.device, self.dtype)
+                lanes.append(_SparseJob(j, parent, run, plans, cache))
         if len({job.parent.cache.num_steps for job in lanes}) > 1:
             raise ValueError("edits run together must have the same number of denoising steps")
         if len({job.run.embeds.shape[0] for job in lanes}) > 1:
@@ -696,12 +703,12 @@ class EditEngine:
             for job in lanes:
                 job.begin(self, i)
             if i == 0:  # each edit's own MACs: predicted, or counted running it alone
-                counted = []
+                counted, sites = [], self.sparse_unet.conv_sites
                 for job in lanes:
-                    job.macs = self._sparse_macs.predict(job.macs_key(), job.cell_counts())
+                    job.macs = self._sparse_macs.predict(job.macs_key(sites), job.cell_counts())
                     if job.macs is None:
                         (job.output,), job.macs = count_macs(partial(self.sparse_unet.run_lanes, [job.lane]))
-                        self._sparse_macs.add(job.macs_key(), job.cell_counts(), job.macs)
+                        self._sparse_macs.add(job.macs_key(sites), job.cell_counts(), job.macs)
                         counted.append(job)
                 rest = [job for job in lanes if job not in counted]
                 if rest:

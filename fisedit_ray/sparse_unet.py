@@ -14,6 +14,7 @@ What an edit must store for its own children (its delta) is recorded on the way.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from fisedit_ray.cache import STATS, ActivationCache, CacheReader
 from fisedit_ray.kernels.attention import active_query_attention
 from fisedit_ray.kernels.conv import conv_matrix, sparse_conv2d
+from fisedit_ray.kernels.conv_cost import ConvCosts
 from fisedit_ray.kernels.gather import conv_input_positions, gather_plan
 from fisedit_ray.kernels.group_norm import (
     cell_sums,
@@ -48,14 +50,47 @@ class Active:
 
 
 class GatherPlans:
-    """Index plans of one mask pyramid, built once per edit and reused at every step."""
+    """Index plans of one mask pyramid, built once per edit and reused at every step, and which of
+    its convs run dense (`costs`, a measured table; by default the one shipped for the device and
+    `dtype`)."""
 
-    def __init__(self, pyramid: MaskPyramid, device: torch.device):
+    def __init__(
+        self,
+        pyramid: MaskPyramid,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        costs: ConvCosts | None = None,
+    ):
         self.pyramid = pyramid.to(device)
         self.device = device
+        self.costs = costs or ConvCosts.shipped(torch.device(device).type, dtype)
         self._plans: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._dense: dict[tuple, bool] = {}
+        self._inactive: dict[int, torch.Tensor] = {}
+
+    def runs_dense(self, site: tuple) -> bool:
+        """Whether the conv at `site` (`SparseUNet.conv_sites`) runs dense for this mask."""
+        if site not in self._dense:
+            conv, _, out_level, _ = site
+            cells = self.pyramid.masks[out_level].numel()
+            fraction = len(self.pyramid.cells[out_level]) / cells
+            self._dense[site] = conv.kernel_size != (1, 1) and self.costs.runs_dense(
+                cells, conv.in_channels, conv.out_channels, fraction
+            )
+        return self._dense[site]
+
+    def inactive(self, level: int) -> torch.Tensor:
+        """The inactive cells of `level`, in row-major order."""
+        if level not in self._inactive:
+            self._inactive[level] = (~self.pyramid.masks[level].flatten()).nonzero().flatten()
+        return self._inactive[level]
+
+    def dense_signature(self, sites: Iterable[tuple]) -> tuple[bool, ...]:
+        """Which of `sites` run dense: with the active cells, what a pass's MACs depend on."""
+        return tuple(self.runs_dense(site) for site in sites)
 
     def conv(self, conv: nn.Conv2d, in_level: int, out_level: int, upsampled: bool):
+        """`(index, halo_cells)`: the pixel-wise conv's gather plan (`gather_plan`)."""
         key = (conv.kernel_size, conv.stride, conv.padding, in_level, out_level, upsampled)
         if key not in self._plans:
             p = self.pyramid
@@ -88,6 +123,9 @@ class SparseUNet:
         self.names = {m: n for n, m in unet.named_modules()}
         self._gemm_weights: dict[nn.Module, tuple[tuple, GemmWeight]] = {}
         self._pass_indices: tuple[tuple, dict] = ((), {})
+        # every k x k conv of a pass as `(conv, in_level, out_level, upsampled)`, in pass order:
+        # the same for every pass, known once one has run (`GatherPlans.dense_signature`)
+        self.conv_sites: dict[tuple, None] = {}
 
     def pass_indices(self, lanes: list[Lane]) -> dict:
         """Conv gather indices of a pass over these lanes, kept while the same edits run together
@@ -249,31 +287,71 @@ class _Run:
     # ---- operators ----------------------------------------------------------------------------
     def conv(self, conv: nn.Conv2d, x: Active, halo_of, out_level=None, upsampled=False) -> Active:
         """`conv` at the active cells of `out_level`; `halo_of(lane, cells)` gives a lane's input
-        values outside. One gather and one GEMM for all lanes: each lane's plan is shifted to its
-        rows of the concatenated active values and halos."""
+        values outside. Each lane's plans say whether the conv runs pixel-wise or dense for its mask
+        (`GatherPlans.runs_dense`); the pixel-wise lanes share one gather and one GEMM."""
         out_level = x.level if out_level is None else out_level
         if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and not upsampled:
             return Active(self.pointwise(conv, x.values), out_level)
-        plans = [lane.plans.conv(conv, x.level, out_level, upsampled) for lane in self.lanes]
+        site = (conv, x.level, out_level, upsampled)
+        self.sparse.conv_sites.setdefault(site)
+        dense = [lane.plans.runs_dense(site) for lane in self.lanes]
+        if not any(dense):
+            return Active(self.pixel_wise_conv(site, list(range(len(dense))), x.values, halo_of), out_level)
+        inputs, outs = self.split(x.values, x.level), {}
+        pixel_wise = [j for j, d in enumerate(dense) if not d]
+        if pixel_wise:
+            values = _cat([inputs[j] for j in pixel_wise])
+            out = self.pixel_wise_conv(site, pixel_wise, values, halo_of)
+            counts = self.counts(out_level)
+            outs.update(zip(pixel_wise, out.split([counts[j] for j in pixel_wise], dim=1), strict=True))
+        for j in (j for j, d in enumerate(dense) if d):
+            outs[j] = self.dense_conv(site, j, inputs[j], halo_of)
+        return Active(_cat([outs[j] for j in range(len(dense))]), out_level)
+
+    def pixel_wise_conv(self, site: tuple, lanes: list[int], values: torch.Tensor, halo_of) -> torch.Tensor:
+        """The conv at `site` for `lanes` (their active input rows `values`, concatenated): one
+        gather and one GEMM, each lane's plan shifted to its rows of the concatenated active values
+        and halos."""
+        conv, in_level, out_level, upsampled = site
+        plans = [self.lanes[j].plans.conv(conv, in_level, out_level, upsampled) for j in lanes]
         halos, orders = [], []
-        for j, (_, cells) in enumerate(plans):
+        for j, (_, cells) in zip(lanes, plans, strict=True):
             order = None
             if len(cells):
-                values, order = halo_of(j, cells)
-                halos.append(values.to(x.values.dtype))
+                halo_values, order = halo_of(j, cells)
+                halos.append(halo_values.to(values.dtype))
             orders.append(order)
-        halo = _cat(halos) if halos else x.values[:, :0]
+        halo = _cat(halos) if halos else values[:, :0]
         indices = self.sparse.pass_indices(self.lanes)
-        key = (conv, x.level, out_level, upsampled)
+        key = (*site, tuple(lanes))
         if key not in indices:  # once per edit: the halos' order is the same at every step
-            counts = self.counts(x.level)
+            all_counts = self.counts(in_level)
+            counts = [all_counts[j] for j in lanes]
             plans = [
                 (_reordered(index, n, order), cells)
                 for (index, cells), n, order in zip(plans, counts, orders, strict=True)
             ]
             indices[key] = plans[0][0] if len(plans) == 1 else _pass_index(plans, counts)
-        out = sparse_conv2d(x.values, halo, indices[key], self.sparse.gemm_weight(conv), conv.bias)
-        return Active(out, out_level)
+        return sparse_conv2d(values, halo, indices[key], self.sparse.gemm_weight(conv), conv.bias)
+
+    def dense_conv(self, site: tuple, j: int, values: torch.Tensor, halo_of) -> torch.Tensor:
+        """The conv at `site` for lane `j` over its whole input map: its active rows `values`, every
+        other cell from `halo_of` (as a halo is); the outputs at its active cells."""
+        conv, in_level, out_level, upsampled = site
+        plans = self.lanes[j].plans
+        pyramid = plans.pyramid
+        (h, w), (b, _, c) = pyramid.sizes[in_level], values.shape
+        full = values.new_empty(b, h * w, c)
+        full.index_copy_(1, pyramid.cells[in_level], values)
+        inactive = plans.inactive(in_level)
+        if len(inactive):
+            fill, order = halo_of(j, inactive)
+            full.index_copy_(1, inactive if order is None else inactive[order], fill.to(values.dtype))
+        grid = full.view(b, h, w, c).permute(0, 3, 1, 2)
+        if upsampled:
+            grid = F.interpolate(grid, size=pyramid.sizes[out_level], mode="nearest")
+        out = F.conv2d(grid, conv.weight, conv.bias, conv.stride, conv.padding)
+        return tokens(out).index_select(1, pyramid.cells[out_level])
 
     def norm_act(self, norm: nn.GroupNorm, key: str, x: Active, silu: bool):
         """Group norm (+ SiLU) of each lane's mixed map at its active cells, and the halo function

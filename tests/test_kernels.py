@@ -1,5 +1,7 @@
 """The sparse operators against their dense PyTorch definitions."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,3 +114,34 @@ def test_small_weights_stay_plain():
     assert prepared.packed is None and prepared.weight.data_ptr() == weight.data_ptr()
     x = torch.randn(3, 64)
     assert torch.equal(linear(x, prepared), torch.nn.functional.linear(x, weight))
+
+
+def test_conv_costs_choose_by_the_nearest_measured_shape_and_interpolate():
+    from fisedit_ray.kernels.conv_cost import ConvCosts
+
+    costs = ConvCosts(
+        (  # 64x64x320: dense wins from 80% (interpolated); 8x8x1280: never
+            (4096, 320, 0.5, 3.0, 2.0),
+            (4096, 320, 1.0, 3.0, 4.0),
+            (64, 1280, 0.5, 3.0, 1.0),
+            (64, 1280, 1.0, 3.0, 2.0),
+        )
+    )
+    assert not costs.runs_dense(4096, 320, 320, 0.75)  # sparse 3.0 = dense 3.0: not faster
+    assert costs.runs_dense(4096, 320, 320, 0.8)
+    assert costs.runs_dense(4096, 320, 640, 1.0)  # channels within reach: the nearest shape's ratio
+    assert not costs.runs_dense(4096, 320, 320, 0.1)  # below the measured range: its lowest point
+    assert not costs.runs_dense(64, 1280, 1280, 1.0)
+    assert not costs.runs_dense(4096, 32, 32, 1.0)  # far from every measured shape: pixel-wise
+    assert not costs.runs_dense(256, 320, 320, 1.0)
+    assert not ConvCosts.PIXEL_WISE.runs_dense(4096, 320, 320, 1.0)
+
+
+def test_the_shipped_conv_cost_table_is_read():
+    from fisedit_ray.kernels.conv_cost import TABLE, ConvCosts
+
+    tables = json.loads(TABLE.read_text())["tables"]
+    for table in tables:
+        costs = ConvCosts.shipped(table["device"], getattr(torch, table["dtype"]))
+        assert len(costs.rows) == len(table["rows"]) > 0
+    assert ConvCosts.shipped("no-such-device", torch.float32) is ConvCosts.PIXEL_WISE

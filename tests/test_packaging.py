@@ -8,10 +8,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_imports_from_the_repository_root():
-    # From the root, `kernels/` is importable as a top-level `kernels`, which transformers probes
-    # for; that must neither break transformers nor shadow `fisedit_ray.kernels`.
+    # The repository root is on the path; nothing there may shadow a package that diffusers or
+    # transformers import (Hugging Face's `kernels`, which they probe for and then import from).
     code = (
         "from transformers import CLIPTextModel\n"
+        "from diffusers import StableDiffusionPipeline\n"
         "from fisedit_ray import EditEngine\n"
         "import fisedit_ray.kernels.conv as conv\n"
         "print(conv.__name__)\n"

@@ -291,3 +291,61 @@ def test_packed_weights_equal_reference_and_count_the_same_macs(sd1_pipe, sd2_pi
     assert max_diff(packed, reference) <= TOL
     assert torch.equal(packed.latents[..., ~mask], parent.latents[..., ~mask])
     assert packed.stats["macs_executed"] == plain.stats["macs_executed"]
+
+
+def dense_above(fraction: float):
+    """A cost table under which every conv of a tiny model runs dense where its output level is more
+    than `fraction` active, pixel-wise elsewhere."""
+    from fisedit_ray.kernels.conv_cost import ConvCosts
+
+    shapes = [(cells, channels) for cells in (16, 64, 256) for channels in (4, 8, 16, 32, 64)]
+    return ConvCosts(
+        tuple(row for c, ch in shapes for row in ((c, ch, fraction, 1.0, 1.0), (c, ch, 1.0, 1.0, 2.0)))
+    )
+
+
+@pytest.mark.parametrize("config", ["sd1", "sd2"])
+@pytest.mark.parametrize("fraction", [0.0, 0.16])
+def test_convs_run_dense_equal_reference(sd1_pipe, sd2_pipe, monkeypatch, config, fraction):
+    """Convs run dense where the cost table says so (all of them; or those of the levels more than 16%
+    active: the 15% mask's coarser levels, 17% and 25%): the same edit as pixel-wise, counted with the
+    dense convs' MACs."""
+    from fisedit_ray.kernels.conv_cost import ConvCosts
+
+    pipe = sd1_pipe if config == "sd1" else sd2_pipe
+    pixel_engine = EditEngine.from_pipeline(pipe)
+    parent = pixel_engine.generate(PROMPT, seed=1, num_inference_steps=STEPS, output_type="latent")
+    mask = blob_mask((16, 16), 0.15, seed=3)
+    pixel_wise = pixel_engine.edit(parent, EDIT, mask=mask, output_type="latent")
+    monkeypatch.setattr(ConvCosts, "shipped", staticmethod(lambda device, dtype: dense_above(fraction)))
+    engine = EditEngine.from_pipeline(pipe)
+    dense = engine.edit(parent, EDIT, mask=mask, output_type="latent")
+    signature = next(iter(engine._sparse_macs.samples))[-1]
+    assert all(signature) if fraction == 0 else 0 < sum(signature) < len(signature), signature
+    reference = engine.edit(parent, EDIT, mask=mask, mode="reference", output_type="latent")
+    assert max_diff(dense, reference) <= TOL
+    assert max_diff(dense, pixel_wise) <= TOL
+    assert torch.equal(dense.latents[..., ~mask], parent.latents[..., ~mask])
+    assert dense.stats["macs_executed"] > pixel_wise.stats["macs_executed"]
+    for step in range(pixel_wise.cache.num_steps):  # the delta it stores: the same cells and values
+        for key, value in pixel_wise.cache.steps[step].items():
+            scale = max(1.0, value.abs().max().item())
+            torch.testing.assert_close(dense.cache.steps[step][key], value, rtol=1e-5, atol=2e-5 * scale)
+
+
+def test_a_batch_mixing_dense_and_pixel_wise_convs_equals_each_edit_alone(sd1_pipe, monkeypatch):
+    """Each edit's convs run as its own mask says, batched or alone: the same values and MACs."""
+    from fisedit_ray.kernels.conv_cost import ConvCosts
+
+    monkeypatch.setattr(ConvCosts, "shipped", staticmethod(lambda device, dtype: dense_above(0.5)))
+    engine = EditEngine.from_pipeline(sd1_pipe)
+    parent = engine.generate(PROMPT, seed=1, num_inference_steps=STEPS, output_type="latent")
+    requests = [(parent, EDIT, blob_mask((16, 16), ratio, seed=2)) for ratio in (0.05, 0.6, 0.9)]
+    together = engine.edit_batch(requests, output_type="latent")
+    runs_dense = [any(key[-1]) for key in engine._sparse_macs.samples]  # per edit, counted alone
+    assert any(runs_dense) and not all(runs_dense), runs_dense  # the 5% edit pixel-wise, the others not
+    for (_, prompt, mask), batched in zip(requests, together, strict=True):
+        alone = engine.edit(parent, prompt, mask=mask, output_type="latent")
+        scale = alone.latents.abs().max().item()
+        torch.testing.assert_close(batched.latents, alone.latents, rtol=0, atol=2e-6 * scale)
+        assert batched.stats["macs_executed"] == alone.stats["macs_executed"]
