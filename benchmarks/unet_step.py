@@ -10,7 +10,10 @@ does; `efficiency_bound` is the efficiency a step at that bound would have. Call
 `gemm_s` is the time of the sparse step's GEMMs (each call timed on its own, in a median step),
 `gemm_pace_s` what they would take at the dense step's pace unless streaming the weight takes longer
 (the sum of max(weight bytes at the streaming rate, MACs at the dense step's MAC rate); GEMMs of
-many rows beat it, those of a few rows hardly can), and `rest_s` everything else in that step. In
+many rows beat it, those of a few rows hardly can), `attention_s` the attention calls (PyTorch's
+fused CPU attention), and `rest_s` everything else in that step. `efficiency_library` is the
+efficiency the step would have if nothing but its GEMMs and attention calls took time: what the
+library kernels allow, however small the rest is made. In
 bfloat16 it also reports how far the outputs are from float32: sparse bf16 against sparse fp32
 (itself equal to the masked-dense reference, see the tests), next to dense bf16 against dense fp32
 as the yardstick.
@@ -35,6 +38,7 @@ from timing import median_seconds
 from torch import nn
 
 from fisedit_ray.cache import ActivationCache, CacheRecorder
+from fisedit_ray.kernels.attention import active_query_attention
 from fisedit_ray.kernels.linear import linear
 from fisedit_ray.macs import count_macs
 from fisedit_ray.masks import MaskPyramid, blob_mask
@@ -98,9 +102,10 @@ def main() -> None:
         _, sparse_macs = count_macs(sparse)
         sparse_s = median_seconds(sparse, args.repeats)
         bound_s = max(stream_s, dense_s * sparse_macs / dense_macs)
-        gemms = dict.fromkeys(("gemm_s", "gemm_pace_s", "rest_s"), float("nan"))
+        gemms = dict.fromkeys(("gemm_s", "gemm_pace_s", "attention_s", "rest_s"), float("nan"))
         if device.type == "cpu":
             gemms = gemm_breakdown(sparse, weight_bytes / stream_s, dense_macs / dense_s, args.repeats)
+        library_s = gemms["gemm_s"] + gemms["attention_s"]
         row = {
             "latent": args.latent,
             "dtype": args.dtype,
@@ -115,6 +120,7 @@ def main() -> None:
             "weight_stream_s": stream_s,
             "efficiency_bound": (dense_s / bound_s) / (dense_macs / sparse_macs),
             **gemms,
+            "efficiency_library": (dense_s / library_s) / (dense_macs / sparse_macs),
             "cache_bytes_per_step": step_bytes,
             "threads": args.threads,
             "repeats": args.repeats,
@@ -129,7 +135,9 @@ def main() -> None:
             f"mask {row['mask_ratio']:6.1%}  dense {dense_s:7.3f}s  sparse {sparse_s:7.3f}s  "
             f"speed-up {row['speedup']:5.2f}x  MACs {row['macs_reduction']:5.2f}x  "
             f"efficiency {row['efficiency']:.2f} (bound {row['efficiency_bound']:.2f})  "
-            f"GEMMs {row['gemm_s']:.3f}s (at dense pace {row['gemm_pace_s']:.3f}s), rest {row['rest_s']:.3f}s"
+            f"GEMMs {row['gemm_s']:.3f}s (at dense pace {row['gemm_pace_s']:.3f}s), "
+            f"attention {row['attention_s']:.3f}s (efficiency at these two alone "
+            f"{row['efficiency_library']:.2f}), rest {row['rest_s']:.3f}s"
             + (
                 f"  |err| vs fp32: sparse {row['sparse_max_abs_error_vs_fp32']:.3g}, "
                 f"dense {row['dense_max_abs_error_vs_fp32']:.3g}"
@@ -167,13 +175,20 @@ def weight_stream_seconds(sparse_unet: SparseUNet, sample: torch.Tensor, repeats
 
 
 def gemm_breakdown(step, stream_bytes_per_s: float, macs_per_s: float, repeats: int) -> dict:
-    """The GEMMs of the median of `repeats` runs of `step` against their pace (see the module
-    docstring). Times each call of `kernels.linear.linear` by wrapping it where the sparse pass
-    looks it up (a CPU's calls are synchronous; on a GPU the caller leaves the columns NaN)."""
+    """The GEMMs and attention calls of the median of `repeats` runs of `step`, and the GEMMs' pace
+    (see the module docstring). Times each call of `kernels.linear.linear` and
+    `kernels.attention.active_query_attention` by wrapping them where the sparse pass looks them
+    up (a CPU's calls are synchronous; on a GPU the caller leaves the columns NaN)."""
     import fisedit_ray.kernels.conv as conv_module
     import fisedit_ray.sparse_unet as sparse_module
 
-    calls = []
+    calls, attention_calls = [], []
+
+    def timed_attention(*args):
+        start = time.perf_counter()
+        out = active_query_attention(*args)
+        attention_calls.append(time.perf_counter() - start)
+        return out
 
     def timed(x, weight, bias=None):
         start = time.perf_counter()
@@ -186,17 +201,21 @@ def gemm_breakdown(step, stream_bytes_per_s: float, macs_per_s: float, repeats: 
 
     runs = []
     conv_module.linear = sparse_module.linear = timed
+    sparse_module.active_query_attention = timed_attention
     try:
         for _ in range(repeats):
             calls.clear()
+            attention_calls.clear()
             start = time.perf_counter()
             step()
             total = time.perf_counter() - start
-            runs.append((total, sum(c[0] for c in calls), sum(c[1] for c in calls)))
+            gemm, pace = sum(c[0] for c in calls), sum(c[1] for c in calls)
+            runs.append((total, gemm, pace, sum(attention_calls)))
     finally:
         conv_module.linear = sparse_module.linear = linear
-    total, gemm, pace = sorted(runs)[len(runs) // 2]
-    return {"gemm_s": gemm, "gemm_pace_s": pace, "rest_s": total - gemm}
+        sparse_module.active_query_attention = active_query_attention
+    total, gemm, pace, attention = sorted(runs)[len(runs) // 2]
+    return {"gemm_s": gemm, "gemm_pace_s": pace, "attention_s": attention, "rest_s": total - gemm - attention}
 
 
 def record(unet, sample, t, text) -> tuple[ActivationCache, SparseUNet]:

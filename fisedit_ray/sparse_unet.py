@@ -456,7 +456,8 @@ class _Run:
         for lane, q_j in zip(self.lanes, q.split(counts, dim=1), strict=True):
             kv = lane.text_kv.get(attn)
             if kv is None:  # the text is the same at every step: project it once per edit
-                kv = lane.text_kv[attn] = (attn.to_k(lane.text), attn.to_v(lane.text))
+                kv = (self.pointwise(attn.to_k, lane.text), self.pointwise(attn.to_v, lane.text))
+                lane.text_kv[attn] = kv
             outs.append(active_query_attention(q_j, *kv, attn.heads))
         return attn.to_out[1](self.pointwise(attn.to_out[0], torch.cat(outs, dim=1)))
 
