@@ -8,6 +8,7 @@ first runs Target Area Capture (its k dense steps and the mask, `mask` phase), t
 Writes Parquet and a plot.
 
     python benchmarks/whole_edit.py --model scenes --steps 20 50 --ratios 0.05 0.25
+    python benchmarks/whole_edit.py --device cuda --cache-device cpu   # caches in host memory
 """
 
 from __future__ import annotations
@@ -49,9 +50,13 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.25])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cache-dtype", default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    parser.add_argument("--cache-device", default=None, help="where caches live (default: --device)")
     parser.add_argument("--out", type=Path, default=Path("results/whole_edit"))
     args = parser.parse_args()
-    engine = EditEngine.from_pretrained(args.model, cache_dtype=args.cache_dtype)
+    engine = EditEngine.from_pretrained(
+        args.model, device=args.device, cache_dtype=args.cache_dtype, cache_device=args.cache_device
+    )
     rows = []
     for steps in args.steps:
         parent = engine.generate(PROMPT, seed=2, num_inference_steps=steps)
@@ -68,6 +73,8 @@ def main() -> None:
             rows.append(
                 {
                     "model": args.model,
+                    "device": str(engine.device),
+                    "cache_device": str(engine.cache_device or engine.device),
                     "steps": steps,
                     "mask": source,
                     "mask_ratio": sparse.stats["mask_ratio"],

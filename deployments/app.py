@@ -18,8 +18,10 @@ SESSION_ROUTER = "fisedit_ray.deployments.routing:SessionRouter"
 def build_app(args: dict | None = None) -> Application:
     """Arguments (strings from the command line or a config file's `args`): `model` (default
     `scenes`), `cache_dtype`, `editor_replicas` (default 1), `editor_cpus` (CPUs per editor replica,
-    default 1), `editor_gpus` (default 0), `editor_hot_gib` (cache bytes an editor keeps hot,
-    default 4), `max_ongoing_requests` / `max_queued_requests` of the
+    default 1), `editor_gpus` (default 0; an editor or mask generator given a GPU runs on it),
+    `editor_hot_gib` (cache bytes an editor keeps hot, default 4), `editor_cache_device` (where an
+    editor keeps its caches: default its compute device; `cpu` on GPU editors keeps them in host
+    memory, holding more sessions per GPU), `max_ongoing_requests` / `max_queued_requests` of the
     ingress (default 32 / 64; a full queue answers 503 with Retry-After), `affinity` (default true;
     false routes each call to any replica, which then fetches what it lacks), `store_caches`
     (default true: every version goes to the object store; false: a miss always rebuilds, as for a
@@ -57,6 +59,7 @@ def build_app(args: dict | None = None) -> Application:
     ).bind(
         model=args.get("model", "scenes"),
         cache_dtype=args.get("cache_dtype"),
+        cache_device=args.get("editor_cache_device"),
         threads=max(1, int(cpus)),
         hot_bytes=float(args.get("editor_hot_gib", 4)) * 2**30,
         owner=CacheOwner.bind() if _flag(args.get("store_caches", True)) else None,

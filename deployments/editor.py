@@ -44,6 +44,7 @@ class Editor:
         self,
         model: str = "scenes",
         cache_dtype: str | None = None,
+        cache_device: str | None = None,
         threads: int = 1,
         hot_bytes: float = 4 * 2**30,
         owner: DeploymentHandle | None = None,
@@ -58,7 +59,10 @@ class Editor:
         # long lets the edits that finished together run together again
         self._sparse_batch.set_batch_wait_timeout_s(batch_wait_s)
         torch.set_num_threads(threads)  # explicit: results depend on it in their last bits
-        self.engine = EditEngine.from_pretrained(model, cache_dtype=cache_dtype)
+        # the replica's GPU where it was given one (Ray hides the others), else its CPUs
+        self.engine = EditEngine.from_pretrained(
+            model, device="auto", cache_dtype=cache_dtype, cache_device=cache_device
+        )
         self.hot_bytes = hot_bytes  # a budget for the versions' own caches (a generation's is big)
         self.hot: OrderedDict[tuple[str, str], Version] = OrderedDict()  # LRU of versions
         # `serve.batch` forms a batch while the previous one still runs; edits that come back at

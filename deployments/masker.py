@@ -22,7 +22,7 @@ from fisedit_ray.masks import mask_image
 class MaskGenerator:
     def __init__(self, model: str = "scenes", threads: int = 1):
         torch.set_num_threads(threads)  # as the editors: the same bits as their engines' masks
-        self.engine = EditEngine.from_pretrained(model)
+        self.engine = EditEngine.from_pretrained(model, device="auto")  # its GPU, if it was given one
 
     async def find(self, lineage: list[dict]) -> dict:
         """The mask of the last edit of `lineage` (root first) as a PNG at image resolution, with

@@ -16,6 +16,9 @@ Maps are stored in the storage dtype, or as `int8` with one float16 scale per ce
 quantised per cell so that a cell's stored value never depends on other cells.
 The trajectory (latents before every step and the guided noise predictions) is kept as computed,
 never in the storage dtype, so that an empty edit reproduces its parent bit for bit.
+A cache lives on its `device`: where it was computed, or host memory for a GPU engine that keeps its
+caches there (`EditEngine(cache_device="cpu")`; pinned, written and read with asynchronous copies,
+`kernels.transfer`).
 
 A generation stores full maps. An edit stores a delta: the values at its active cells only, plus
 the new statistics, over its parent's cache.
@@ -42,6 +45,7 @@ from fisedit_ray.kernels.group_norm import (
     norm_scale_shift,
     sum_cells,
 )
+from fisedit_ray.kernels.transfer import gather_to
 from fisedit_ray.unet_layout import (
     ATTN_KEY,
     ATTN_VALUE,
@@ -92,10 +96,16 @@ class ActivationCache:
     _norm_affine: dict = field(default_factory=dict, repr=False)  # see `CacheReader._norm_affine`
     _by_step: dict = field(default_factory=dict, repr=False)  # see `steps_of`
     planned_steps: int | None = field(default=None, repr=False)  # while recording: see `_recorded`
+    device: torch.device | None = None  # where the steps are kept; None: where they were computed
+    _pending: torch.cuda.Event | None = field(default=None, repr=False)  # see `ready`
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def delta_of(cls, parent: ActivationCache, cells: tuple[torch.Tensor, ...]) -> ActivationCache:
+    def delta_of(
+        cls, parent: ActivationCache, cells: tuple[torch.Tensor, ...], device: torch.device | None = None
+    ) -> ActivationCache:
+        """An empty delta over `parent` for an edit of `cells`, kept on `device` (default: the
+        parent's)."""
         return cls(
             parent.storage_dtype,
             list(parent.sizes),
@@ -105,6 +115,7 @@ class ActivationCache:
             parent=parent,
             cells=tuple(c.cpu() for c in cells),
             planned_steps=parent.num_steps,
+            device=parent.device if device is None else device,
         )
 
     @property
@@ -195,13 +206,47 @@ class ActivationCache:
         nothing."""
         step, stacked = len(self.steps), self._by_step.get(key)
         if self.planned_steps is None or step >= self.planned_steps or (stacked is None and step > 0):
-            return (t if rows is None else t.index_select(1, rows)).contiguous()
+            return self._kept((t if rows is None else t.index_select(1, rows)).contiguous())
         if stacked is None:
             shape = t.shape if rows is None else (t.shape[0], len(rows), *t.shape[2:])
-            stacked = self._by_step[key] = t.new_empty(self.planned_steps, *shape)
+            stacked = self._by_step[key] = self._empty(t, (self.planned_steps, *shape))
+        if stacked.device != t.device:  # from a GPU into host memory
+            return self._copy(stacked[step], t if rows is None else t.index_select(1, rows))
         if rows is None:
             return stacked[step].copy_(t)
         return torch.index_select(t, 1, rows, out=stacked[step])
+
+    def add_step(self, step: dict[str, torch.Tensor]) -> None:
+        """Append a recorded step, each tensor moved to the cache's device if it is not there."""
+        self.steps.append({key: self._kept(t) for key, t in step.items()})
+
+    def _empty(self, like: torch.Tensor, shape: tuple) -> torch.Tensor:
+        """An uninitialised tensor of `like`'s dtype on the cache's device (pinned host memory for
+        a GPU's values, which then copy asynchronously)."""
+        device = like.device if self.device is None else self.device
+        pin = like.is_cuda and device.type == "cpu"
+        return torch.empty(shape, dtype=like.dtype, device=device, pin_memory=pin)
+
+    def _kept(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` on the cache's device."""
+        if self.device is None or t.device == self.device:
+            return t
+        return self._copy(self._empty(t, t.shape), t)
+
+    def _copy(self, into: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """`into.copy_(t)`: from a GPU, asynchronously, `ready` waiting for it before a read."""
+        into.copy_(t, non_blocking=True)
+        if t.is_cuda and into.device.type == "cpu":
+            self._pending = torch.cuda.Event()
+            self._pending.record(torch.cuda.current_stream(t.device))
+        return into
+
+    def ready(self) -> ActivationCache:
+        """The cache once every copy into it has landed (host memory written from a GPU)."""
+        if self._pending is not None:
+            self._pending.synchronize()
+            self._pending = None
+        return self
 
     def steps_of(self, key: str) -> torch.Tensor:
         """Every step's stored `key` as one tensor `[steps, ...]`, so that one read covers several
@@ -219,6 +264,7 @@ class ActivationCache:
     # ---- byte accounting ----------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every stored tensor under the name it is saved with."""
+        self.ready()
         out = {f"step{i:04d}/{k}": t for i, step in enumerate(self.steps) for k, t in step.items()}
         out.update({f"latents/{i:04d}": t for i, t in enumerate(self.latents)})
         out.update({f"noise_pred/{i:04d}": t for i, t in enumerate(self.noise_preds)})
@@ -381,7 +427,7 @@ class CacheReader:
         dtype: torch.dtype,
         memo: dict | None = None,
     ):
-        self.cache, self.step, self.device, self.dtype = cache, step, device, dtype
+        self.cache, self.step, self.device, self.dtype = cache.ready(), step, device, dtype
         self.parent = cache.parent.reader(step, device, dtype) if cache.parent is not None else None
         self.chain = [self] if self.parent is None else [*self.parent.chain, self]  # the root's first
         self.reads_ahead = memo is not None
@@ -391,16 +437,10 @@ class CacheReader:
         """This version's own stored rows of `key` at `steps` steps from this one, decoded (per-cell
         sums stay float32): `[steps, B, rows, C]`."""
         payload, scale = self._window(key, steps)
-        if rows is not None:
-            rows = rows if rows.device == payload.device else rows.to(payload.device)
-            payload = payload.index_select(2, rows)
-            scale = None if scale is None else scale.index_select(2, rows)
-        if payload.device != self.device:
-            payload = payload.to(self.device, non_blocking=True)
+        payload = gather_to(payload, 2, rows, self.device)
         if self.cache.kinds[key] == NORM_CELL_SUMS:
             return payload
-        if scale is not None:
-            scale = scale.to(self.device, non_blocking=True)
+        scale = None if scale is None else gather_to(scale, 2, rows, self.device)
         values = self.cache.decode(payload, scale, self.dtype)
         skip = self.cache.skips.get(key)
         if skip is not None:
@@ -528,7 +568,7 @@ class CacheReader:
         if affine is None:
             h, w = self.cache.sizes[self.cache.levels[key]]
             channels = norm.num_channels
-            stats = self.cache.steps[step][key + STATS].to(self.device)
+            stats = self.cache.steps[step][key + STATS].to(self.device, non_blocking=True)
             mean, rstd = group_stats(stats, h * w * channels // norm.num_groups, norm.eps)
             affine = norm_scale_shift(mean, rstd, norm.weight, norm.bias, channels, self.dtype)
             self.cache._norm_affine[memo] = affine
@@ -557,7 +597,7 @@ class CacheReader:
     def stats(self, key: str) -> torch.Tensor:
         if self._inherits(key):
             return self.parent.stats(key)
-        return self.cache.steps[self.step][key + STATS].to(self.device)
+        return self.cache.steps[self.step][key + STATS].to(self.device, non_blocking=True)
 
 
 class CacheRecorder:
@@ -620,7 +660,7 @@ class CacheRecorder:
         self.current = {}
 
     def end_step(self) -> None:
-        self.cache.steps.append(self.current)
+        self.cache.add_step(self.current)
         self.current = None
 
     def remove(self) -> None:

@@ -152,7 +152,7 @@ class _SparseJob:
         noise.view(1, c, -1)[:, :, self.plans.pyramid.cells[0]] = guided_active.transpose(1, 2).to(
             noise.dtype
         )
-        self.cache.steps.append(self.record)
+        self.cache.add_step(self.record)
         self.cache.noise_preds.append(noise)
         stepped = self.run.scheduler.step(noise, t, self.run.latents, **self.run.step_kwargs).prev_sample
         inside = self.run.pyramid.masks[0][None, None]
@@ -175,7 +175,16 @@ class EditEngine:
     Safe to share between threads: requests run one at a time (the cache recorder and the reference
     hook the shared U-Net), so concurrency comes from more engines, not more threads."""
 
-    def __init__(self, pipe: StableDiffusionPipeline, *, cache_dtype: torch.dtype | str = torch.float32):
+    def __init__(
+        self,
+        pipe: StableDiffusionPipeline,
+        *,
+        cache_dtype: torch.dtype | str = torch.float32,
+        cache_device: torch.device | str | None = None,
+    ):
+        """`cache_dtype`: how caches store their maps; `cache_device`: where they are kept (default:
+        the engine's device; `"cpu"` on a GPU engine: host memory, from which an edit copies the rows
+        it reads, overlapped with its compute, `kernels.transfer`)."""
         self.pipe = pipe
         self._lock = threading.Lock()
         # `check_prompt` runs outside `_lock` (a service checks a prompt while a batch runs): its
@@ -186,6 +195,7 @@ class EditEngine:
         self._dense_macs: dict[tuple, int] = {}
         self.sparse_unet = SparseUNet(pipe.unet)
         self.cache_dtype = parse_dtype(cache_dtype)
+        self.cache_device = None if cache_device is None else torch.device(cache_device)
         pipe.set_progress_bar_config(disable=True)
 
     @classmethod
@@ -196,15 +206,24 @@ class EditEngine:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         cache_dtype: torch.dtype | str | None = None,
+        cache_device: str | torch.device | None = None,
     ) -> EditEngine:
+        """`device="auto"`: a GPU where this process sees one (a Ray replica sees only those it was
+        given), else the CPU."""
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         pipe = load_pipeline(name_or_path, dtype).to(device)
-        return cls(pipe, cache_dtype=cache_dtype or dtype)
+        return cls(pipe, cache_dtype=cache_dtype or dtype, cache_device=cache_device)
 
     @classmethod
     def from_pipeline(
-        cls, pipe: StableDiffusionPipeline, *, cache_dtype: torch.dtype | str | None = None
+        cls,
+        pipe: StableDiffusionPipeline,
+        *,
+        cache_dtype: torch.dtype | str | None = None,
+        cache_device: str | torch.device | None = None,
     ) -> EditEngine:
-        return cls(pipe, cache_dtype=cache_dtype or pipe.unet.dtype)
+        return cls(pipe, cache_dtype=cache_dtype or pipe.unet.dtype, cache_device=cache_device)
 
     # ---- properties ---------------------------------------------------------------------------
     # Read off a parameter: diffusers' `ModelMixin.device` walks every module (~2 ms a call).
@@ -297,7 +316,7 @@ class EditEngine:
             with phases("reference_steps"):
                 chain = _dense_lineage(parent)
                 specs = [_spec(self._encode(v.prompt, settings), _pyramid_of(v)) for v in chain]
-                cache = ActivationCache.delta_of(parent.cache, pyramid.cells)
+                cache = ActivationCache.delta_of(parent.cache, pyramid.cells, self.cache_device)
                 macs = self._run_dense([*specs, _spec(embeds, pyramid)], settings, cache)
         else:
             with phases("sparse_steps"):
@@ -615,7 +634,8 @@ class EditEngine:
         return uncond + settings.guidance_scale * (text - uncond)
 
     def _new_cache(self, settings: Settings) -> ActivationCache:
-        return ActivationCache(self.cache_dtype, self.sparse_unet.level_sizes(self.latent_size(settings)))
+        sizes = self.sparse_unet.level_sizes(self.latent_size(settings))
+        return ActivationCache(self.cache_dtype, sizes, device=self.cache_device)
 
     def _run_dense(
         self, specs: list[dict], settings: Settings, cache: ActivationCache, record: bool = True
@@ -682,7 +702,7 @@ class EditEngine:
         results: list = [None] * len(jobs)
         lanes: list[_SparseJob] = []
         for j, (parent, embeds, pyramid) in enumerate(jobs):
-            cache = ActivationCache.delta_of(parent.cache, pyramid.cells)
+            cache = ActivationCache.delta_of(parent.cache, pyramid.cells, self.cache_device)
             steps = parent.cache.num_steps
             if pyramid.empty:  # nothing to recompute: the parent, bit for bit
                 cache.latents = list(parent.cache.latents)

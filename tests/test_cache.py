@@ -27,7 +27,7 @@ def assert_same_tensors(a: ActivationCache, b: ActivationCache):
     ta, tb = a.tensors(), b.tensors()
     assert ta.keys() == tb.keys()
     for key in ta:
-        assert ta[key].dtype == tb[key].dtype and torch.equal(ta[key], tb[key]), key
+        assert ta[key].dtype == tb[key].dtype and torch.equal(ta[key].cpu(), tb[key].cpu()), key
 
 
 def test_save_load_round_trip_is_exact(engine, parent, tmp_path):
@@ -234,3 +234,60 @@ def test_readers_of_one_edit_read_several_steps_at_once_and_the_same_values(sd1_
                     args = (key, cells[key], modules[key], True, grouped)
                     got = read_shared(shared.gather_normalized, *args)
                     assert torch.equal(got, alone.gather_normalized(*args)), key
+
+
+def cached_tensors(cache: ActivationCache) -> list[torch.Tensor]:
+    return [t for step in cache.steps for t in step.values()]
+
+
+def test_a_cache_device_keeps_the_same_caches_and_edits(sd1_pipe):
+    """`cache_device` names where caches live; on the engine's own device it changes no bit, for a
+    generation, an edit over it and an edit over that."""
+    plain, kept = EditEngine.from_pipeline(sd1_pipe), EditEngine.from_pipeline(sd1_pipe, cache_device="cpu")
+    results = []
+    for engine in (plain, kept):
+        root = engine.generate(PROMPT, seed=3, num_inference_steps=3, output_type="latent")
+        first = engine.edit(root, EDIT, mask=blob_mask((16, 16), 0.1, seed=1), output_type="latent")
+        second = engine.edit(first, "a cat", mask=blob_mask((16, 16), 0.2, seed=2), output_type="latent")
+        results.append((root, first, second))
+    for a, b in zip(*results, strict=True):
+        assert b.cache.device == torch.device("cpu")
+        assert_same_tensors(a.cache, b.cache)
+        assert torch.equal(a.latents, b.latents)
+
+
+def test_gather_to_reads_rows_or_everything():
+    from fisedit_ray.kernels.transfer import gather_to
+
+    x = torch.randn(3, 2, 10, 4)
+    rows = torch.tensor([7, 1, 1, 4])
+    assert torch.equal(gather_to(x, 2, rows, torch.device("cpu")), x.index_select(2, rows))
+    assert gather_to(x, 2, None, torch.device("cpu")) is x  # on its device: no copy
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_gpu_engine_with_caches_in_host_memory_computes_the_same_edits(sd1_pipe):
+    """Caches in pinned host memory, the rows an edit reads copied on a side stream: the same bits
+    as caches in GPU memory, for a generation and two edits over it, and from a cache the object
+    store gave back (pageable host memory)."""
+    import copy
+
+    pipe = copy.deepcopy(sd1_pipe).to("cuda")
+    on_gpu, on_host = EditEngine.from_pipeline(pipe), EditEngine.from_pipeline(pipe, cache_device="cpu")
+    results = []
+    for engine in (on_gpu, on_host):
+        root = engine.generate(PROMPT, seed=3, num_inference_steps=3, output_type="latent")
+        first = engine.edit(root, EDIT, mask=blob_mask((16, 16), 0.1, seed=1), output_type="latent")
+        batch = engine.edit_batch(
+            [(first, "a cat", blob_mask((16, 16), r, seed=2)) for r in (0.05, 0.2)], output_type="latent"
+        )
+        results.append((root, first, *batch))
+    for a, b in zip(*results, strict=True):
+        assert all(t.is_cuda for t in cached_tensors(a.cache))
+        assert all(t.device.type == "cpu" and t.is_pinned() for t in cached_tensors(b.cache))
+        assert_same_tensors(a.cache, b.cache)
+        assert torch.equal(a.latents, b.latents)
+    root = results[1][0]
+    root.cache = ActivationCache.from_arrays(root.cache.to_arrays())
+    again = on_host.edit(root, EDIT, mask=blob_mask((16, 16), 0.1, seed=1), output_type="latent")
+    assert torch.equal(again.latents, results[1][1].latents)
