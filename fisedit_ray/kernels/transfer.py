@@ -22,14 +22,17 @@ def gather_to(x: torch.Tensor, dim: int, rows: torch.Tensor | None, device: torc
     if x.device == device or not (x.device.type == "cpu" and device.type == "cuda"):
         picked = x if rows is None else x.index_select(dim, rows)
         return picked.to(device)
-    shape = list(x.shape)
-    if rows is not None:
-        shape[dim] = len(rows)
-    staged = torch.empty(shape, dtype=x.dtype, pin_memory=True)
-    if rows is None:
-        staged.copy_(x)
+    if rows is None and x.is_pinned():  # a cache recorded from a GPU: copied as it is
+        staged = x
     else:
-        torch.index_select(x, dim, rows, out=staged)
+        shape = list(x.shape)
+        if rows is not None:
+            shape[dim] = len(rows)
+        staged = torch.empty(shape, dtype=x.dtype, pin_memory=True)
+        if rows is None:
+            staged.copy_(x)
+        else:
+            torch.index_select(x, dim, rows, out=staged)
     compute = torch.cuda.current_stream(device)
     stream = _copy_streams.setdefault(device, torch.cuda.Stream(device))
     # the copy need not wait for the compute stream: its destination comes from the side stream's
