@@ -499,7 +499,7 @@ class CacheReader:
     def _read_owners(self, key: str, cells: torch.Tensor, read, grouped: bool) -> torch.Tensor:
         steps = self._steps_ahead(key, len(cells))
         if self.parent is None:
-            return read(self, cells, steps)
+            return read(self, self._moved(cells, self.cache.steps[self.step][key].device), steps)
         split = self._placement(self.cache.levels[key], cells)[0]
         if len(split) == 1:
             return read(self.chain[split[0][0]], split[0][1], steps)
@@ -521,6 +521,18 @@ class CacheReader:
         stored = self.chain[0].cache.steps[self.step][key]  # the root keeps every key
         per_step = max(1, rows * stored.shape[0] * stored.shape[-1] * self.dtype.itemsize)
         return max(1, min(self.cache.num_steps - self.step, READ_AHEAD_BYTES // per_step))
+
+    def _moved(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`index` on `device`, moved once per edit (kept in the memo): a GPU engine reading a cache in
+        host memory would otherwise copy the same index at every step, each copy waiting for the
+        GPU to catch up."""
+        if index.device == device:
+            return index
+        memo = ("moved", id(index), device)
+        held = self.memo.get(memo)
+        if held is None or held[0] is not index:
+            held = self.memo[memo] = (index, index.to(device))  # holding `index`: its id stays its own
+        return held[1]
 
     def _placement(
         self, level: int, cells: torch.Tensor
@@ -590,7 +602,7 @@ class CacheReader:
         if self._inherits(key):
             return self.parent.full(key, scratch)
         values = self.parent.full(key, scratch)  # the caller's: this version's rows go in in place
-        cells = self.cache.cells[self.cache.levels[key]].to(self.device)
+        cells = self._moved(self.cache.cells[self.cache.levels[key]], self.device)
         values[:, cells] = self._stored(key, None, 1)[0].to(values.dtype)
         return values
 
