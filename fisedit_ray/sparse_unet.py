@@ -128,9 +128,10 @@ class SparseUNet:
         self.conv_sites: dict[tuple, None] = {}
 
     def pass_indices(self, lanes: list[Lane]) -> dict:
-        """Conv gather indices of a pass over these lanes, kept while the same edits run together
-        (every step of one `edit_batch`): they depend on each lane's plans and on where its
-        parent's chain keeps the halo cells (`CacheReader.grouped_order`)."""
+        """Index tensors of a pass over these lanes (conv gathers, each level's lane segments and
+        map sizes), kept while the same edits run together (every step of one `edit_batch`): they
+        depend on each lane's plans and on where its parent's chain keeps the halo cells
+        (`CacheReader.grouped_order`)."""
         key = tuple(item for lane in lanes for item in (lane.plans, lane.parent.cache))
         held, indices = self._pass_indices
         if len(held) != len(key) or any(a is not b for a, b in zip(held, key, strict=False)):
@@ -208,8 +209,9 @@ class _Run:
         self.sparse, self.unet, self.names = sparse, sparse.unet, sparse.names
         self.lanes = lanes
         self.device = lanes[0].sample.device
-        self._segments: dict[int, torch.Tensor] = {}
-        self._map_cells: dict[int, torch.Tensor] = {}
+        # per-lane constants of each level, made once for all the steps of the same lanes (on a GPU,
+        # each would otherwise be a small copy from the host that waits for the GPU at every step)
+        self._held = sparse.pass_indices(lanes)
         if len({lane.sample.shape[0] for lane in lanes}) != 1:
             raise ValueError("lanes of one pass must share the batch size (guidance on or off)")
         unet = self.unet
@@ -228,17 +230,19 @@ class _Run:
 
     def map_cells(self, level: int) -> torch.Tensor:
         """`[lanes, 1]` float64: the number of cells of each lane's whole map at `level`."""
-        if level not in self._map_cells:
+        key = ("map_cells", level)
+        if key not in self._held:
             cells = [lane.plans.pyramid.masks[level].numel() for lane in self.lanes]
-            self._map_cells[level] = torch.tensor(cells, dtype=torch.float64, device=self.device)[:, None]
-        return self._map_cells[level]
+            self._held[key] = torch.tensor(cells, dtype=torch.float64, device=self.device)[:, None]
+        return self._held[key]
 
     def segment(self, level: int) -> torch.Tensor:
         """The lane of each active cell of `level`, as the values are concatenated."""
-        if level not in self._segments:
+        key = ("segment", level)
+        if key not in self._held:
             counts = torch.tensor(self.counts(level))
-            self._segments[level] = torch.repeat_interleave(counts).to(self.device)
-        return self._segments[level]
+            self._held[key] = torch.repeat_interleave(counts).to(self.device)
+        return self._held[key]
 
     # ---- top level ----------------------------------------------------------------------------
     def forward(self) -> list[torch.Tensor]:
