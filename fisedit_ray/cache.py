@@ -98,6 +98,7 @@ class ActivationCache:
     planned_steps: int | None = field(default=None, repr=False)  # while recording: see `_recorded`
     device: torch.device | None = None  # where the steps are kept; None: where they were computed
     _pending: torch.cuda.Event | None = field(default=None, repr=False)  # see `ready`
+    _copying_from: torch.device | None = field(default=None, repr=False)  # see `_copy`
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -217,8 +218,13 @@ class ActivationCache:
         return torch.index_select(t, 1, rows, out=stacked[step])
 
     def add_step(self, step: dict[str, torch.Tensor]) -> None:
-        """Append a recorded step, each tensor moved to the cache's device if it is not there."""
+        """Append a recorded step, each tensor moved to the cache's device if it is not there; the
+        step's copies from a GPU are marked done by one event after all of them (one stream)."""
         self.steps.append({key: self._kept(t) for key, t in step.items()})
+        if self._copying_from is not None:
+            self._pending = torch.cuda.Event()
+            self._pending.record(torch.cuda.current_stream(self._copying_from))
+            self._copying_from = None
 
     def _empty(self, like: torch.Tensor, shape: tuple) -> torch.Tensor:
         """An uninitialised tensor of `like`'s dtype on the cache's device (pinned host memory for
@@ -234,11 +240,11 @@ class ActivationCache:
         return self._copy(self._empty(t, t.shape), t)
 
     def _copy(self, into: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """`into.copy_(t)`: from a GPU, asynchronously, `ready` waiting for it before a read."""
+        """`into.copy_(t)`: from a GPU, asynchronously (the step's `add_step` marks when its copies
+        are done, and `ready` waits for that before a read)."""
         into.copy_(t, non_blocking=True)
         if t.is_cuda and into.device.type == "cpu":
-            self._pending = torch.cuda.Event()
-            self._pending.record(torch.cuda.current_stream(t.device))
+            self._copying_from = t.device
         return into
 
     def ready(self) -> ActivationCache:
