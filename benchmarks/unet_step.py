@@ -2,21 +2,23 @@
 
 Classifier-free guidance (batch 2), compact blob masks of SIGE's edit ratios (1.6, 4.8, 11.8, 25%)
 and FISEdit's (5, 15, 30%). For each mask: the dense diffusers forward and the sparse forward over a
-cache recorded from one dense step, timed in the same run (warm-up, then the median of --repeats),
-the MACs each actually executed, and efficiency = time speed-up / MACs reduction. Next to it, the
-bound no sparse step can beat: every layer has active cells, so a step reads every weight once
-(`weight_stream_s`, one GEMM of one active cell per layer) and computes its MACs no faster than dense
-does; `efficiency_bound` is the efficiency a step at that bound would have. Call by call (CPU):
-`gemm_s` is the time of the sparse step's GEMMs (each call timed on its own, in a median step),
-`gemm_pace_s` what they would take at the dense step's pace unless streaming the weight takes longer
-(the sum of max(weight bytes at the streaming rate, MACs at the dense step's MAC rate); GEMMs of
-many rows beat it, those of a few rows hardly can), `attention_s` the attention calls (PyTorch's
+cache recorded from one dense step, timed in rounds (a warm-up round, then --repeats rounds, each
+timing dense once and then every mask's sparse step once, each after an untimed run of itself; times
+are medians over the rounds, and a speed-up is the median of its rounds' dense/sparse ratios, so
+that a slow spell of a shared machine slows both sides of a ratio), the MACs each actually executed,
+and efficiency = time speed-up / MACs reduction. `weight_stream_s` is the time of reading every
+weight once (one GEMM of one active cell per layer), a floor for any sparse step. Call by call
+(CPU): `gemm_s` is the time of the sparse step's GEMMs (each call timed on its own, in a median
+step), `gemm_pace_s` what they would take at the dense step's pace unless streaming the weight takes
+longer (the sum of max(weight bytes at the streaming rate, MACs at the dense step's MAC rate); GEMMs
+of many rows beat it, those of a few rows hardly can), `attention_s` the attention calls (PyTorch's
 fused CPU attention), and `rest_s` everything else in that step. `efficiency_library` is the
 efficiency the step would have if nothing but its GEMMs and attention calls took time: what the
-library kernels allow, however small the rest is made. In
-bfloat16 it also reports how far the outputs are from float32: sparse bf16 against sparse fp32
-(itself equal to the masked-dense reference, see the tests), next to dense bf16 against dense fp32
-as the yardstick.
+library kernels allow, however small the rest is made; `efficiency_pace` the same with every GEMM
+and attention call at its pace (attention: its MACs at the dense step's rate), a step of library
+calls as fast as dense ones and nothing else. In bfloat16 it also reports how far the outputs are
+from float32: sparse bf16 against sparse fp32 (itself equal to the masked-dense reference, see the
+tests), next to dense bf16 against dense fp32 as the yardstick.
 Writes Parquet and a PNG plot.
 
     python benchmarks/unet_step.py --latent 64
@@ -26,6 +28,7 @@ Writes Parquet and a PNG plot.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -34,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 from diffusers import UNet2DConditionModel
 from sd_shapes import SD15_UNET
-from timing import median_seconds
+from timing import interleaved_seconds, median_seconds, round_ratios
 from torch import nn
 
 from fisedit_ray.cache import ActivationCache, CacheRecorder
@@ -84,43 +87,49 @@ def main() -> None:
         return unet(sample, t, encoder_hidden_states=text).sample
 
     _, dense_macs = count_macs(dense)
-    dense_s = median_seconds(dense, args.repeats)
     stream_s = weight_stream_seconds(sparse_unet, sample, args.repeats)
     weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in gemm_layers(unet))
-    print(f"dense {dense_s:.3f}s; reading every weight once takes {stream_s:.3f}s")
-    rows = []
+    masks = {}  # each mask's ratio: its plans, edited input and sparse step
     for ratio in args.ratios:
         pyramid = MaskPyramid.build(blob_mask(size, ratio, seed=0), cache.sizes)
         plans = GatherPlans(pyramid, sample.device)
         edited = sample + 0.1 * torch.randn(sample.shape).to(device, dtype)
-
         scratch = {}  # kept from step to step, as an edit keeps it
 
         def sparse(plans=plans, edited=edited, scratch=scratch):
             return sparse_unet(edited, t, text, cache.reader(0, device, dtype), plans, scratch=scratch)
 
+        masks[pyramid.ratio] = (plans, edited, sparse)
+    # dense and every mask's sparse step in rounds: each speed-up is the median of its rounds' ratios
+    times = interleaved_seconds({"dense": dense, **{r: m[2] for r, m in masks.items()}}, args.repeats)
+    dense_s = statistics.median(times["dense"])
+    print(f"dense {dense_s:.3f}s; reading every weight once takes {stream_s:.3f}s")
+    rows = []
+    for mask_ratio, (plans, edited, sparse) in masks.items():
         _, sparse_macs = count_macs(sparse)
-        sparse_s = median_seconds(sparse, args.repeats)
-        bound_s = max(stream_s, dense_s * sparse_macs / dense_macs)
-        gemms = dict.fromkeys(("gemm_s", "gemm_pace_s", "attention_s", "rest_s"), float("nan"))
+        sparse_s = statistics.median(times[mask_ratio])
+        speedup = round_ratios(times["dense"], times[mask_ratio])
+        columns = ("gemm_s", "gemm_pace_s", "attention_s", "attention_pace_s", "rest_s")
+        gemms = dict.fromkeys(columns, float("nan"))
         if device.type == "cpu":
             gemms = gemm_breakdown(sparse, weight_bytes / stream_s, dense_macs / dense_s, args.repeats)
         library_s = gemms["gemm_s"] + gemms["attention_s"]
+        pace_s = gemms["gemm_pace_s"] + gemms["attention_pace_s"]
         row = {
             "latent": args.latent,
             "dtype": args.dtype,
-            "mask_ratio": pyramid.ratio,
+            "mask_ratio": mask_ratio,
             "dense_s": dense_s,
             "sparse_s": sparse_s,
-            "speedup": dense_s / sparse_s,
+            "speedup": speedup,
             "macs_dense": dense_macs,
             "macs_sparse": sparse_macs,
             "macs_reduction": dense_macs / sparse_macs,
-            "efficiency": (dense_s / sparse_s) / (dense_macs / sparse_macs),
+            "efficiency": speedup / (dense_macs / sparse_macs),
             "weight_stream_s": stream_s,
-            "efficiency_bound": (dense_s / bound_s) / (dense_macs / sparse_macs),
             **gemms,
             "efficiency_library": (dense_s / library_s) / (dense_macs / sparse_macs),
+            "efficiency_pace": (dense_s / pace_s) / (dense_macs / sparse_macs),
             "cache_bytes_per_step": step_bytes,
             "threads": args.threads,
             "repeats": args.repeats,
@@ -134,7 +143,7 @@ def main() -> None:
         print(
             f"mask {row['mask_ratio']:6.1%}  dense {dense_s:7.3f}s  sparse {sparse_s:7.3f}s  "
             f"speed-up {row['speedup']:5.2f}x  MACs {row['macs_reduction']:5.2f}x  "
-            f"efficiency {row['efficiency']:.2f} (bound {row['efficiency_bound']:.2f})  "
+            f"efficiency {row['efficiency']:.2f} (library calls at dense pace {row['efficiency_pace']:.2f})  "
             f"GEMMs {row['gemm_s']:.3f}s (at dense pace {row['gemm_pace_s']:.3f}s), "
             f"attention {row['attention_s']:.3f}s (efficiency at these two alone "
             f"{row['efficiency_library']:.2f}), rest {row['rest_s']:.3f}s"
@@ -175,8 +184,8 @@ def weight_stream_seconds(sparse_unet: SparseUNet, sample: torch.Tensor, repeats
 
 
 def gemm_breakdown(step, stream_bytes_per_s: float, macs_per_s: float, repeats: int) -> dict:
-    """The GEMMs and attention calls of the median of `repeats` runs of `step`, and the GEMMs' pace
-    (see the module docstring). Times each call of `kernels.linear.linear` and
+    """The GEMMs and attention calls of the median of `repeats` runs of `step`, and their pace (see
+    the module docstring). Times each call of `kernels.linear.linear` and
     `kernels.attention.active_query_attention` by wrapping them where the sparse pass looks them
     up (a CPU's calls are synchronous; on a GPU the caller leaves the columns NaN)."""
     import fisedit_ray.kernels.conv as conv_module
@@ -184,10 +193,12 @@ def gemm_breakdown(step, stream_bytes_per_s: float, macs_per_s: float, repeats: 
 
     calls, attention_calls = [], []
 
-    def timed_attention(*args):
+    def timed_attention(q, k, v, heads):
         start = time.perf_counter()
-        out = active_query_attention(*args)
-        attention_calls.append(time.perf_counter() - start)
+        out = active_query_attention(q, k, v, heads)
+        seconds = time.perf_counter() - start
+        macs = q.shape[0] * q.shape[1] * k.shape[1] * (q.shape[2] + v.shape[2])  # scores, weighted sum
+        attention_calls.append((seconds, macs / macs_per_s))
         return out
 
     def timed(x, weight, bias=None):
@@ -210,12 +221,19 @@ def gemm_breakdown(step, stream_bytes_per_s: float, macs_per_s: float, repeats: 
             step()
             total = time.perf_counter() - start
             gemm, pace = sum(c[0] for c in calls), sum(c[1] for c in calls)
-            runs.append((total, gemm, pace, sum(attention_calls)))
+            attention, attention_pace = (sum(c[i] for c in attention_calls) for i in (0, 1))
+            runs.append((total, gemm, pace, attention, attention_pace))
     finally:
         conv_module.linear = sparse_module.linear = linear
         sparse_module.active_query_attention = active_query_attention
-    total, gemm, pace, attention = sorted(runs)[len(runs) // 2]
-    return {"gemm_s": gemm, "gemm_pace_s": pace, "attention_s": attention, "rest_s": total - gemm - attention}
+    total, gemm, pace, attention, attention_pace = sorted(runs)[len(runs) // 2]
+    return {
+        "gemm_s": gemm,
+        "gemm_pace_s": pace,
+        "attention_s": attention,
+        "attention_pace_s": attention_pace,
+        "rest_s": total - gemm - attention,
+    }
 
 
 def record(unet, sample, t, text) -> tuple[ActivationCache, SparseUNet]:
