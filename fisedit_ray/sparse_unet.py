@@ -336,7 +336,11 @@ class _Run:
                 for (index, cells), n, order in zip(plans, counts, orders, strict=True)
             ]
             indices[key] = plans[0][0] if len(plans) == 1 else _pass_index(plans, counts)
-        return sparse_conv2d(values, halo, indices[key], self.sparse.gemm_weight(conv), conv.bias)
+        # one patch buffer for every conv of the pass, kept for all its steps (see `sparse_conv2d`)
+        workspace = indices.get(("patches", values.dtype))
+        if workspace is None:
+            workspace = indices[("patches", values.dtype)] = values.new_empty(0)
+        return sparse_conv2d(values, halo, indices[key], self.sparse.gemm_weight(conv), conv.bias, workspace)
 
     def dense_conv(self, site: tuple, j: int, values: torch.Tensor, halo_of) -> torch.Tensor:
         """The conv at `site` for lane `j` over its whole input map: its active rows `values`, every

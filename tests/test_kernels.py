@@ -37,10 +37,15 @@ def test_sparse_conv_equals_dense_conv(kernel, stride, padding, size):
     index, halo_cells = gather_plan(positions, rank)
     xt = tokens(x)
     assert not in_mask.flatten()[halo_cells].any()
-    out = sparse_conv2d(
-        xt[:, in_cells], xt[:, halo_cells], index, GemmWeight.of(conv_matrix(conv.weight)), conv.bias
-    )
+    args = (xt[:, in_cells], xt[:, halo_cells], index, GemmWeight.of(conv_matrix(conv.weight)), conv.bias)
+    out = sparse_conv2d(*args)
     torch.testing.assert_close(out, dense[:, out_cells], rtol=1e-5, atol=1e-5)
+    # patches gathered into a caller's buffer big enough for them: the same bits, in its memory
+    workspace = torch.empty(10_000)
+    memory = workspace.untyped_storage().data_ptr()
+    assert torch.equal(sparse_conv2d(*args, workspace), out)
+    assert workspace.untyped_storage().data_ptr() == memory
+    assert workspace.numel() == 2 * index.numel() * 6  # it holds the patches: batch x taps x channels
 
 
 def test_incremental_group_norm_equals_group_norm():

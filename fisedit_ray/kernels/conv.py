@@ -27,13 +27,17 @@ def sparse_conv2d(
     index: torch.Tensor,
     matrix: GemmWeight,
     bias: torch.Tensor | None,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Convolution outputs at the cells described by `index` (see `gather_plan`).
 
     `active` `[B, N, Cin]` and `halo` `[B, M, Cin]` are the conv input's values at active and halo
     cells, `matrix` the conv weight as laid out by `conv_matrix` and prepared for the GEMM; returns
     `[B, len(index), Cout]`.
-    On a GPU, one Triton implicit-GEMM kernel (`triton_conv`); here, a row gather and one GEMM.
+    On a GPU, one Triton implicit-GEMM kernel (`triton_conv`); here, a row gather and one GEMM. The
+    gathered patches go into `workspace` if given (grown as needed): a caller that keeps it for all
+    the steps of an edit spares the allocator a big block per conv, which glibc returns to the
+    system and faults in again (at a 25% mask, 50k page faults per U-Net step, measured).
     """
     if active.is_cuda:
         from .triton_conv import sparse_conv2d_triton
@@ -45,6 +49,11 @@ def sparse_conv2d(
     # One row gather over the batch-flattened rows: index_select along dim 0 of a 2-D tensor is a
     # plain row copy, several times faster on a CPU than along dim 1 of a 3-D one.
     flat = (index.reshape(1, -1) + r * torch.arange(b, device=index.device)[:, None]).reshape(-1)
-    patches = rows.reshape(b * r, c).index_select(0, flat).reshape(b * n, taps * c)
+    if workspace is None:
+        patches = rows.reshape(b * r, c).index_select(0, flat)
+    else:
+        workspace.resize_(0)  # keeps its memory; an out= tensor of another shape would warn
+        patches = torch.index_select(rows.reshape(b * r, c), 0, flat, out=workspace)
+    patches = patches.reshape(b * n, taps * c)
     out = linear(patches, matrix, bias)
     return out.reshape(b, n, -1)
