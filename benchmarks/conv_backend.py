@@ -26,10 +26,9 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from timing import median_seconds
 
-from fisedit_ray.kernels.conv import conv_matrix, sparse_conv2d
+from fisedit_ray.kernels.conv import conv_matrix, dense_conv2d, sparse_conv2d
 from fisedit_ray.kernels.gather import conv_input_positions, gather_plan
 from fisedit_ray.kernels.group_norm import gather_norm_act
 from fisedit_ray.kernels.linear import GemmWeight
@@ -113,12 +112,8 @@ def time_both(
         return sparse_conv2d(active, halo, index, weight, conv.bias)
 
     def dense() -> torch.Tensor:
-        full = active.new_empty(2, cells_total, channels)
-        full.index_copy_(1, cells, active)
-        full.index_copy_(1, inactive, gather_norm_act(stored, inactive, scale, shift, True))
-        grid = full.view(2, side, side, channels).permute(0, 3, 1, 2)
-        out = F.conv2d(grid, conv.weight, conv.bias, padding=1)
-        return out.permute(0, 2, 3, 1).reshape(2, -1, channels).index_select(1, cells)
+        rest = gather_norm_act(stored, inactive, scale, shift, True)
+        return dense_conv2d(active, cells, rest, inactive, (side, side), conv, cells)
 
     error = (dense() - pixel_wise()).abs().max().item()
     assert error < (1e-3 if dtype == torch.float32 else 0.5), f"the two ways differ by {error}"

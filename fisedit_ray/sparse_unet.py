@@ -25,7 +25,7 @@ from torch import nn
 
 from fisedit_ray.cache import STATS, ActivationCache, CacheReader
 from fisedit_ray.kernels.attention import active_query_attention
-from fisedit_ray.kernels.conv import conv_matrix, sparse_conv2d
+from fisedit_ray.kernels.conv import conv_matrix, dense_conv2d, sparse_conv2d
 from fisedit_ray.kernels.conv_cost import ConvCosts
 from fisedit_ray.kernels.gather import conv_input_positions, gather_plan
 from fisedit_ray.kernels.group_norm import (
@@ -326,7 +326,7 @@ class _Run:
                 halos.append(halo_values.to(values.dtype))
             orders.append(order)
         halo = _cat(halos) if halos else values[:, :0]
-        indices = self.sparse.pass_indices(self.lanes)
+        indices = self._held
         key = (*site, tuple(lanes))
         if key not in indices:  # once per edit: the halos' order is the same at every step
             all_counts = self.counts(in_level)
@@ -348,18 +348,20 @@ class _Run:
         conv, in_level, out_level, upsampled = site
         plans = self.lanes[j].plans
         pyramid = plans.pyramid
-        (h, w), (b, _, c) = pyramid.sizes[in_level], values.shape
-        full = values.new_empty(b, h * w, c)
-        full.index_copy_(1, pyramid.cells[in_level], values)
-        inactive = plans.inactive(in_level)
+        inactive, fill = plans.inactive(in_level), values[:, :0]
         if len(inactive):
             fill, order = halo_of(j, inactive)
-            full.index_copy_(1, inactive if order is None else inactive[order], fill.to(values.dtype))
-        grid = full.view(b, h, w, c).permute(0, 3, 1, 2)
-        if upsampled:
-            grid = F.interpolate(grid, size=pyramid.sizes[out_level], mode="nearest")
-        out = F.conv2d(grid, conv.weight, conv.bias, conv.stride, conv.padding)
-        return tokens(out).index_select(1, pyramid.cells[out_level])
+            inactive = inactive if order is None else inactive[order]
+        return dense_conv2d(
+            values,
+            pyramid.cells[in_level],
+            fill,
+            inactive,
+            pyramid.sizes[in_level],
+            conv,
+            pyramid.cells[out_level],
+            pyramid.sizes[out_level] if upsampled else None,
+        )
 
     def norm_act(self, norm: nn.GroupNorm, key: str, x: Active, silu: bool):
         """Group norm (+ SiLU) of each lane's mixed map at its active cells, and the halo function

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fisedit_ray.kernels.attention import active_query_attention
-from fisedit_ray.kernels.conv import conv_matrix, sparse_conv2d
+from fisedit_ray.kernels.conv import conv_matrix, dense_conv2d, sparse_conv2d
 from fisedit_ray.kernels.gather import conv_input_positions, gather_plan
 from fisedit_ray.kernels.group_norm import gather_norm_act, group_stats, group_sums, norm_scale_shift
 from fisedit_ray.kernels.linear import PACKED_MIN_WEIGHT, GemmWeight, linear, packing_available
@@ -46,6 +46,10 @@ def test_sparse_conv_equals_dense_conv(kernel, stride, padding, size):
     assert torch.equal(sparse_conv2d(*args, workspace), out)
     assert workspace.untyped_storage().data_ptr() == memory
     assert workspace.numel() == 2 * index.numel() * 6  # it holds the patches: batch x taps x channels
+    # the dense way: the whole map from the active rows and every other cell, the same outputs
+    rest = (~in_mask.flatten()).nonzero().flatten()
+    whole = dense_conv2d(xt[:, in_cells], in_cells, xt[:, rest], rest, size, conv, out_cells)
+    torch.testing.assert_close(whole, dense[:, out_cells], rtol=1e-5, atol=1e-5)
 
 
 def test_incremental_group_norm_equals_group_norm():

@@ -1,8 +1,10 @@
-"""Sparse convolution: a gathered-patch GEMM over the active output cells only."""
+"""Convolution at active output cells: a gathered-patch GEMM over them only (pixel-wise), or a dense
+conv over the whole map filled in from the cache (`dense_conv2d`)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .linear import GemmWeight, linear
 
@@ -57,3 +59,29 @@ def sparse_conv2d(
     patches = patches.reshape(b * n, taps * c)
     out = linear(patches, matrix, bias)
     return out.reshape(b, n, -1)
+
+
+def dense_conv2d(
+    active: torch.Tensor,
+    cells: torch.Tensor,
+    rest: torch.Tensor,
+    rest_cells: torch.Tensor,
+    size: tuple[int, int],
+    conv: torch.nn.Conv2d,
+    out_cells: torch.Tensor,
+    upsample_to: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """`conv` over the whole input map, outputs at `out_cells` `[B, len(out_cells), Cout]`.
+
+    The map `[B, h*w, Cin]` (`size` = `(h, w)`) is `active` at `cells` and `rest` at `rest_cells`
+    (every other cell, from the cache), nearest-upsampled to `upsample_to` if given."""
+    (h, w), (b, _, c) = size, active.shape
+    full = active.new_empty(b, h * w, c)
+    full.index_copy_(1, cells, active)
+    if len(rest_cells):
+        full.index_copy_(1, rest_cells, rest.to(active.dtype))
+    grid = full.view(b, h, w, c).permute(0, 3, 1, 2)
+    if upsample_to is not None:
+        grid = F.interpolate(grid, size=upsample_to, mode="nearest")
+    out = F.conv2d(grid, conv.weight, conv.bias, conv.stride, conv.padding)
+    return out.permute(0, 2, 3, 1).reshape(b, -1, out.shape[1]).index_select(1, out_cells)
