@@ -24,7 +24,7 @@ from diffusers.models.activations import GEGLU
 from torch import nn
 
 from fisedit_ray.cache import STATS, ActivationCache, CacheReader
-from fisedit_ray.kernels.attention import active_query_attention
+from fisedit_ray.kernels.attention import active_query_attention, head_major_keys
 from fisedit_ray.kernels.conv import conv_matrix, dense_conv2d, sparse_conv2d
 from fisedit_ray.kernels.conv_cost import ConvCosts
 from fisedit_ray.kernels.gather import conv_input_positions, gather_plan
@@ -444,12 +444,15 @@ class _Run:
         n = block.norm1(h)
         q, k, v = self.pointwise(attn.to_q, n), self.pointwise(attn.to_k, n), self.pointwise(attn.to_v, n)
         counts = self.counts(level)
+        heads = attn.heads if head_major_keys(q.device) else None
         outs = []
         for lane, q_j, k_j, v_j in zip(self.lanes, *(t.split(counts, dim=1) for t in (q, k, v)), strict=True):
             cells = lane.plans.pyramid.cells[level]
-            keys = lane.parent.full(f"{name}.attn1.to_k", lane.scratch)
-            values = lane.parent.full(f"{name}.attn1.to_v", lane.scratch)
-            keys[:, cells], values[:, cells] = k_j, v_j
+            keys = lane.parent.full(f"{name}.attn1.to_k", lane.scratch, heads)
+            values = lane.parent.full(f"{name}.attn1.to_v", lane.scratch, heads)
+            keys[:, cells], values[:, cells] = (
+                x if heads is None else x.unflatten(-1, (heads, -1)) for x in (k_j, v_j)
+            )
             if lane.record is not None:
                 lane.store.put(lane.record, f"{name}.attn1.to_k", k_j)
                 lane.store.put(lane.record, f"{name}.attn1.to_v", v_j)

@@ -106,6 +106,22 @@ def test_delta_materialises_to_the_reference_cache(engine, parent):
                 assert torch.allclose(a.stats(key), b.stats(key), rtol=1e-6, atol=1e-3), key
 
 
+def test_full_map_head_major_in_a_kept_buffer(engine, parent):
+    """`full(key, scratch, heads)`: the same map as `full(key)`, each head's rows contiguous, and
+    refilled in the caller's buffer at the next call whatever the caller wrote into it."""
+    edit = engine.edit(parent, EDIT, mask=blob_mask((16, 16), 0.2, seed=4), output_type="latent")
+    keys = [key for key, kind in parent.cache.kinds.items() if kind in ("attn_key", "attn_value")]
+    for version in (parent, edit):  # a root and a delta
+        reader, scratch = version.cache.reader(1), {}
+        for key in keys:
+            expected = reader.full(key).unflatten(-1, (2, -1))
+            got = reader.full(key, scratch, heads=2)
+            assert torch.equal(got, expected) and got.transpose(1, 2).is_contiguous(), key
+            got.fill_(7.0)
+            again = reader.full(key, scratch, heads=2)
+            assert torch.equal(again, expected) and again.data_ptr() == got.data_ptr(), key
+
+
 @pytest.mark.parametrize(
     "dtype, bytes_per_value, tol",  # max |latent difference| to the float32 reference, 3 steps
     [(torch.bfloat16, 2, 0.1), (torch.float16, 2, 0.02), (torch.int8, 1, 0.15)],

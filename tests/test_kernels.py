@@ -86,6 +86,9 @@ def test_active_query_attention_equals_full_attention_rows():
     )
     rows = torch.tensor([0, 3, 7, 19])
     torch.testing.assert_close(active_query_attention(q[:, rows], k, v, heads=4), full[:, rows])
+    # keys and values as `[B, L, heads, D]` views of head-major memory (`CacheReader.full(heads=)`)
+    k_heads, v_heads = (x.reshape(2, 20, 4, 4).transpose(1, 2).contiguous().transpose(1, 2) for x in (k, v))
+    torch.testing.assert_close(active_query_attention(q[:, rows], k_heads, v_heads, heads=4), full[:, rows])
 
 
 def test_gather_plan_addresses_active_halo_and_padding():
