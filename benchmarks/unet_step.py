@@ -197,7 +197,7 @@ def gemm_breakdown(step, stream_bytes_per_s: float, macs_per_s: float, repeats: 
         start = time.perf_counter()
         out = active_query_attention(q, k, v, heads)
         seconds = time.perf_counter() - start
-        macs = q.shape[0] * q.shape[1] * k.shape[1] * (q.shape[2] + v.shape[2])  # scores, weighted sum
+        macs = 2 * q.numel() * k.shape[1]  # scores and weighted sum, each over all channels
         attention_calls.append((seconds, macs / macs_per_s))
         return out
 
