@@ -19,10 +19,16 @@ and attention call at its pace (attention: its MACs at the dense step's rate), a
 calls as fast as dense ones and nothing else. In bfloat16 it also reports how far the outputs are
 from float32: sparse bf16 against sparse fp32 (itself equal to the masked-dense reference, see the
 tests), next to dense bf16 against dense fp32 as the yardstick.
+
+With `--lanes K`, K edits of each ratio (each its own blob, input and scratch) run as one pass, as
+the service's batcher runs edits of similar sparsity (`SparseUNet.run_lanes`: every GEMM once for
+all of them, so a deep layer's weight is read once for K edits' rows), against diffusers on the
+same K guidance batches as one batch of 2K.
 Writes Parquet and a PNG plot.
 
     python benchmarks/unet_step.py --latent 64
     python benchmarks/unet_step.py --latent 64 --dtype bfloat16
+    python benchmarks/unet_step.py --latent 64 --lanes 4
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from fisedit_ray.kernels.attention import active_query_attention
 from fisedit_ray.kernels.linear import linear
 from fisedit_ray.macs import count_macs
 from fisedit_ray.masks import MaskPyramid, blob_mask
-from fisedit_ray.sparse_unet import GatherPlans, SparseUNet
+from fisedit_ray.sparse_unet import GatherPlans, Lane, SparseUNet
 
 
 @torch.no_grad()
@@ -59,10 +65,13 @@ def main() -> None:
     )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--lanes", type=int, default=1, help="edits of each ratio run in one pass")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (the Triton kernels)")
     parser.add_argument("--out", type=Path, default=Path("results/unet_step"))
     args = parser.parse_args()
+    if args.lanes < 1:
+        parser.error(f"--lanes must be at least 1, not {args.lanes}")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -82,30 +91,35 @@ def main() -> None:
         dense32 = unet32(sample, t, encoder_hidden_states=text).sample
         dense_error = (unet(sample.to(dtype), t, encoder_hidden_states=text.to(dtype)).sample - dense32).abs()
     sample, text = sample.to(dtype), text.to(dtype)
+    batch_sample, batch_text = sample.repeat(args.lanes, 1, 1, 1), text.repeat(args.lanes, 1, 1)
 
-    def dense():
-        return unet(sample, t, encoder_hidden_states=text).sample
+    def dense():  # the lanes' guidance batches as one batch
+        return unet(batch_sample, t, encoder_hidden_states=batch_text).sample
 
     _, dense_macs = count_macs(dense)
     stream_s = weight_stream_seconds(sparse_unet, sample, args.repeats)
     weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in gemm_layers(unet))
-    masks = {}  # each mask's ratio: its plans, edited input and sparse step
+    masks = {}  # each ratio (the lanes' mean): its lanes' plans, edited inputs, and the sparse step
     for ratio in args.ratios:
-        pyramid = MaskPyramid.build(blob_mask(size, ratio, seed=0), cache.sizes)
-        plans = GatherPlans(pyramid, sample.device)
-        edited = sample + 0.1 * torch.randn(sample.shape).to(device, dtype)
-        scratch = {}  # kept from step to step, as an edit keeps it
+        lanes = []
+        for seed in range(args.lanes):
+            pyramid = MaskPyramid.build(blob_mask(size, ratio, seed=seed), cache.sizes)
+            edited = sample + 0.1 * torch.randn(sample.shape).to(device, dtype)
+            scratch = {}  # kept from step to step, as an edit keeps it
+            lanes.append((GatherPlans(pyramid, sample.device), edited, scratch))
 
-        def sparse(plans=plans, edited=edited, scratch=scratch):
-            return sparse_unet(edited, t, text, cache.reader(0, device, dtype), plans, scratch=scratch)
+        def sparse(lanes=lanes):
+            return sparse_unet.run_lanes(
+                [Lane(x, t, text, cache.reader(0, device, dtype), p, scratch=s) for p, x, s in lanes]
+            )
 
-        masks[pyramid.ratio] = (plans, edited, sparse)
+        masks[statistics.mean(p.pyramid.ratio for p, _, _ in lanes)] = (lanes, sparse)
     # dense and every mask's sparse step in rounds: each speed-up is the median of its rounds' ratios
-    times = interleaved_seconds({"dense": dense, **{r: m[2] for r, m in masks.items()}}, args.repeats)
+    times = interleaved_seconds({"dense": dense, **{r: m[1] for r, m in masks.items()}}, args.repeats)
     dense_s = statistics.median(times["dense"])
     print(f"dense {dense_s:.3f}s; reading every weight once takes {stream_s:.3f}s")
     rows = []
-    for mask_ratio, (plans, edited, sparse) in masks.items():
+    for mask_ratio, (lanes, sparse) in masks.items():
         _, sparse_macs = count_macs(sparse)
         sparse_s = statistics.median(times[mask_ratio])
         speedup = round_ratios(times["dense"], times[mask_ratio])
@@ -118,6 +132,7 @@ def main() -> None:
         row = {
             "latent": args.latent,
             "dtype": args.dtype,
+            "lanes": args.lanes,
             "mask_ratio": mask_ratio,
             "dense_s": dense_s,
             "sparse_s": sparse_s,
@@ -135,13 +150,16 @@ def main() -> None:
             "repeats": args.repeats,
         }
         if dtype != torch.float32:
-            out32 = sparse32(edited.float(), t, text.float(), cache32.reader(0, device), plans)
-            row["sparse_max_abs_error_vs_fp32"] = (sparse().float() - out32).abs().max().item()
+            errors = [
+                (out.float() - sparse32(x.float(), t, text.float(), cache32.reader(0, device), p)).abs().max()
+                for out, (p, x, _) in zip(sparse(), lanes, strict=True)
+            ]
+            row["sparse_max_abs_error_vs_fp32"] = max(errors).item()
             row["dense_max_abs_error_vs_fp32"] = dense_error.max().item()
             row["fp32_output_max_abs"] = dense32.abs().max().item()
         rows.append(row)
         print(
-            f"mask {row['mask_ratio']:6.1%}  dense {dense_s:7.3f}s  sparse {sparse_s:7.3f}s  "
+            f"mask {row['mask_ratio']:6.1%} x{args.lanes}  dense {dense_s:7.3f}s  sparse {sparse_s:7.3f}s  "
             f"speed-up {row['speedup']:5.2f}x  MACs {row['macs_reduction']:5.2f}x  "
             f"efficiency {row['efficiency']:.2f} (library calls at dense pace {row['efficiency_pace']:.2f})  "
             f"GEMMs {row['gemm_s']:.3f}s (at dense pace {row['gemm_pace_s']:.3f}s), "
@@ -159,7 +177,7 @@ def main() -> None:
         f"cache per step: {step_bytes / 2**20:.1f} MiB ({args.dtype}, batch 2, {args.latent}x{args.latent})"
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"unet_step_{args.latent}_{args.dtype}"
+    stem = f"unet_step_{args.latent}_{args.dtype}" + (f"_lanes{args.lanes}" if args.lanes > 1 else "")
     pq.write_table(pa.Table.from_pylist(rows), args.out / f"{stem}.parquet")
     plot(rows, args.out / f"{stem}.png")
 
@@ -263,6 +281,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("x over dense diffusers")
     ax.set_title(
         f"SD1.5-shaped U-Net step, {rows[0]['latent']}x{rows[0]['latent']} latent, {rows[0]['dtype']}"
+        + (f", {rows[0]['lanes']} edits per pass" if rows[0]["lanes"] > 1 else "")
     )
     ax.legend()
     fig.tight_layout()
