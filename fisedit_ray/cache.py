@@ -614,7 +614,7 @@ class CacheReader:
         values = self.parent.full(key, scratch, heads)  # the caller's: this version's rows go in in place
         cells = self._moved(self.cache.cells[self.cache.levels[key]], self.device)
         rows = self._stored(key, None, 1)[0].to(values.dtype)
-        values[:, cells] = rows if heads is None else rows.unflatten(-1, (heads, -1))
+        values[:, cells] = rows.reshape(*rows.shape[:2], *values.shape[2:])  # [B, N, C] or by heads
         return values
 
     def stats(self, key: str) -> torch.Tensor:

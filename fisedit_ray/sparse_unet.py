@@ -450,9 +450,7 @@ class _Run:
             cells = lane.plans.pyramid.cells[level]
             keys = lane.parent.full(f"{name}.attn1.to_k", lane.scratch, heads)
             values = lane.parent.full(f"{name}.attn1.to_v", lane.scratch, heads)
-            keys[:, cells], values[:, cells] = (
-                x if heads is None else x.unflatten(-1, (heads, -1)) for x in (k_j, v_j)
-            )
+            keys[:, cells], values[:, cells] = (x.reshape(*x.shape[:2], *keys.shape[2:]) for x in (k_j, v_j))
             if lane.record is not None:
                 lane.store.put(lane.record, f"{name}.attn1.to_k", k_j)
                 lane.store.put(lane.record, f"{name}.attn1.to_v", v_j)
