@@ -25,6 +25,7 @@ from torch import nn
 
 from fisedit_ray.cache import STATS, ActivationCache, CacheReader
 from fisedit_ray.kernels.attention import active_query_attention, head_major_keys
+from fisedit_ray.kernels.chunks import row_chunks
 from fisedit_ray.kernels.conv import conv_matrix, dense_conv2d, sparse_conv2d
 from fisedit_ray.kernels.conv_cost import ConvCosts
 from fisedit_ray.kernels.gather import conv_input_positions, gather_plan
@@ -497,12 +498,16 @@ class _Run:
 
     def feed_forward(self, ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """`ff(x)` (dropout is off in eval) with its GEGLU's and output's dense layers through
-        `pointwise`."""
+        `pointwise`; over many rows, in row chunks (`row_chunks`: the GEGLU's hidden rows are the
+        pass's biggest temporaries)."""
         geglu, out = ff.net[0], ff.net[2]
         if not isinstance(geglu, GEGLU):
             return ff(x)
-        hidden, gate = self.pointwise(geglu.proj, x).chunk(2, dim=-1)
-        return self.pointwise(out, hidden * geglu.gelu(gate))
+        outs = []
+        for rows in row_chunks(x.flatten(0, 1), 0, geglu.proj.out_features * x.element_size()):
+            hidden, gate = self.pointwise(geglu.proj, rows).chunk(2, dim=-1)
+            outs.append(self.pointwise(out, hidden * geglu.gelu(gate)))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).unflatten(0, x.shape[:2])
 
 
 def _pass_index(plans: list[tuple[torch.Tensor, torch.Tensor]], active_counts: list[int]) -> torch.Tensor:

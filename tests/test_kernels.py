@@ -6,10 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fisedit_ray.kernels import chunks
 from fisedit_ray.kernels.attention import active_query_attention
 from fisedit_ray.kernels.conv import conv_matrix, dense_conv2d, sparse_conv2d
 from fisedit_ray.kernels.gather import conv_input_positions, gather_plan
-from fisedit_ray.kernels.group_norm import gather_norm_act, group_stats, group_sums, norm_scale_shift
+from fisedit_ray.kernels.group_norm import (
+    cell_sums,
+    gather_norm_act,
+    group_stats,
+    group_sums,
+    norm_scale_shift,
+)
 from fisedit_ray.kernels.linear import PACKED_MIN_WEIGHT, GemmWeight, linear, packing_available
 from fisedit_ray.macs import count_macs
 from fisedit_ray.masks import blob_mask
@@ -70,6 +77,21 @@ def test_incremental_group_norm_equals_group_norm():
     scale, shift = norm_scale_shift(mean, rstd, gn.weight, gn.bias, 16, torch.float32)
     out = gather_norm_act(tokens(new), cells, scale, shift, silu=True)
     torch.testing.assert_close(out, tokens(F.silu(gn(mixed)))[:, cells], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cell_sums_in_row_chunks_are_the_same_bits(monkeypatch, dtype):
+    """Over more rows than `chunks.TEMPORARY_BYTES` allows at once, per-cell sums come in chunks:
+    each cell's sums are its own, so the chunks change no bit."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 37, 16) * 3 + 1
+    whole = cell_sums(x, 4, dtype)
+    monkeypatch.setattr(chunks, "TEMPORARY_BYTES", 2 * 16 * dtype.itemsize * 5)  # 5 rows at a time
+    assert chunks.row_chunks(x, 1, 2 * 16 * dtype.itemsize)[0].shape[1] == 5
+    chunked = cell_sums(x, 4, dtype)
+    assert chunked.dtype == dtype and torch.equal(chunked, whole)
+    g = x.reshape(2, 37, 4, 4).to(dtype)
+    torch.testing.assert_close(whole, torch.cat([g.sum(3), (g * g).sum(3)], dim=2))
 
 
 def test_active_query_attention_equals_full_attention_rows():

@@ -293,6 +293,35 @@ def test_packed_weights_equal_reference_and_count_the_same_macs(sd1_pipe, sd2_pi
     assert packed.stats["macs_executed"] == plain.stats["macs_executed"]
 
 
+def test_row_chunks_keep_the_edit(sd1_pipe, monkeypatch):
+    """With temporaries capped at a few rows' worth, the feed-forwards and the group norms' per-cell
+    sums run in row chunks (as a big batched pass does): the same edit, the reference's within TOL."""
+    from fisedit_ray import sparse_unet
+    from fisedit_ray.kernels import chunks, group_norm
+
+    engine = EditEngine.from_pipeline(sd1_pipe)
+    parent = engine.generate(PROMPT, seed=1, num_inference_steps=STEPS, output_type="latent")
+    mask = blob_mask((16, 16), 0.3, seed=3)
+    whole = engine.edit(parent, EDIT, mask=mask, output_type="latent")
+    monkeypatch.setattr(chunks, "TEMPORARY_BYTES", 4096)
+    splits = {}
+    for module in (sparse_unet, group_norm):
+
+        def counted(*args, module=module):
+            parts = chunks.row_chunks(*args)
+            splits[module.__name__] = max(splits.get(module.__name__, 0), len(parts))
+            return parts
+
+        monkeypatch.setattr(module, "row_chunks", counted)
+    chunked = engine.edit(parent, EDIT, mask=mask, output_type="latent")
+    assert min(splits.values()) > 1 and len(splits) == 2, splits  # both ran in chunks
+    scale = whole.latents.abs().max().item()  # GEMMs over fewer rows round differently (as batched)
+    torch.testing.assert_close(chunked.latents, whole.latents, rtol=0, atol=2e-6 * scale)
+    reference = engine.edit(parent, EDIT, mask=mask, mode="reference", output_type="latent")
+    assert max_diff(chunked, reference) <= TOL
+    assert torch.equal(chunked.latents[..., ~mask], parent.latents[..., ~mask])
+
+
 def dense_above(fraction: float):
     """A cost table under which every conv of a tiny model runs dense where its output level is more
     than `fraction` active, pixel-wise elsewhere."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .chunks import row_chunks
+
 
 def group_sums(x: torch.Tensor, groups: int) -> torch.Tensor:
     """`[2, B, G]` float64: per-group sum and sum of squares of `x` `[B, N, C]`."""
@@ -22,6 +24,9 @@ def cell_sums(x: torch.Tensor, groups: int, dtype: torch.dtype = torch.float32) 
     What a cache keeps (in float32) of a group norm input that is only needed for statistics:
     summing these rows (in float64, `sum_cells`) gives the sums of any set of cells."""
     b, n, c = x.shape
+    parts = row_chunks(x, 1, b * c * dtype.itemsize)  # the copy in `dtype` and its squares
+    if len(parts) > 1:
+        return torch.cat([cell_sums(part, groups, dtype) for part in parts], dim=1)
     g = x.reshape(b, n, groups, c // groups).to(dtype)
     return torch.cat([g.sum(dim=3), g.square().sum(dim=3)], dim=2)
 
