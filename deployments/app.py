@@ -30,7 +30,9 @@ def build_app(args: dict | None = None) -> Application:
     default 0.1), `keep_caches` (default true; false: a plain deployment that
     records no activation caches and serves dense edits only, the serving benchmark's baseline),
     `masker_replicas` / `masker_cpus` / `masker_gpus` (the mask-generation pool, for edits without a
-    mask; default 1 / 0 / 0)."""
+    mask; default 1 / 0 / 0), `editor_compile` (mask ratios, comma-separated, e.g. `0.02,0.05,0.1`:
+    editors run sparse steps as compiled programs and compile these before reporting healthy;
+    default none: eager)."""
     args = dict(args or {})
     cpus = float(args.get("editor_cpus", 1))
     max_batch = int(args.get("editor_max_batch", 8))
@@ -66,6 +68,7 @@ def build_app(args: dict | None = None) -> Application:
         max_batch_size=max_batch,
         batch_wait_s=float(args.get("editor_batch_wait_s", 0.1)),
         keep_caches=_flag(args.get("keep_caches", True)),
+        compile_ratios=tuple(float(r) for r in str(args.get("editor_compile", "")).split(",") if r.strip()),
     )
     masker_cpus = float(args.get("masker_cpus", 0))
     masker = serve.deployment(

@@ -51,7 +51,10 @@ class Editor:
         max_batch_size: int = 8,
         batch_wait_s: float = 0.1,
         keep_caches: bool = True,
+        compile_ratios: tuple[float, ...] = (),
     ):
+        """`compile_ratios`: run sparse steps as compiled programs, and compile those of edits with
+        masks of these ratios before the replica reports healthy (others compile on first use)."""
         self.owner = owner
         self.keep_caches = keep_caches  # False: a plain deployment, which serves dense edits only
         self._sparse_batch.set_max_batch_size(max_batch_size)  # 1: every edit runs alone
@@ -61,8 +64,13 @@ class Editor:
         torch.set_num_threads(threads)  # explicit: results depend on it in their last bits
         # the replica's GPU where it was given one (Ray hides the others), else its CPUs
         self.engine = EditEngine.from_pretrained(
-            model, device="auto", cache_dtype=cache_dtype, cache_device=cache_device
+            model,
+            device="auto",
+            cache_dtype=cache_dtype,
+            cache_device=cache_device,
+            compile=bool(compile_ratios),
         )
+        self.engine.warm_up(compile_ratios)
         self.hot_bytes = hot_bytes  # a budget for the versions' own caches (a generation's is big)
         self.hot: OrderedDict[tuple[str, str], Version] = OrderedDict()  # LRU of versions
         # `serve.batch` forms a batch while the previous one still runs; edits that come back at

@@ -159,6 +159,14 @@ class ActivationCache:
         """Store the map `values` `[B, N, C]` under `key` in the step dict `into` (only `rows`, if
         given) and return all of it as a reader will see it (float32), for its statistics. An
         up-block resnet's input keeps its `h` part; its skip part is read from the skip's own key."""
+        entries, decoded = self.encoded(into, key, values)
+        for name, payload in entries.items():
+            into[name] = self._recorded(name, payload, rows)
+        return decoded
+
+    def encoded(self, into: dict, key: str, values: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """What `put` stores of `values` (`{key: payload}`, and `key:scale` for int8) and the map as
+        a reader will see it, without recording anything (a compiled step returns these)."""
         skip = self.skips.get(key)
         tail = None
         if skip is not None:
@@ -166,10 +174,8 @@ class ActivationCache:
             values, tail = values[..., :-c], self.decode(*self.encode(values[..., -c:]))
         payload, scale = self.encode(values)
         decoded = self.decode(payload, scale)
-        into[key] = self._recorded(key, payload, rows)
-        if scale is not None:
-            into[key + SCALE] = self._recorded(key + SCALE, scale, rows)
-        return decoded if tail is None else torch.cat([decoded, tail], dim=-1)
+        entries = {key: payload} if scale is None else {key: payload, key + SCALE: scale}
+        return entries, decoded if tail is None else torch.cat([decoded, tail], dim=-1)
 
     def rank(self, level: int) -> torch.Tensor:
         if self._rank is None:

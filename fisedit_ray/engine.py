@@ -39,10 +39,11 @@ from fisedit_ray.capture import (
     latent_difference,
 )
 from fisedit_ray.macs import AffineMacs, count_macs
-from fisedit_ray.masks import MaskLike, MaskPyramid, to_latent_mask
+from fisedit_ray.masks import MaskLike, MaskPyramid, blob_mask, to_latent_mask
 from fisedit_ray.models import DEFAULT_MODEL, load_pipeline
 from fisedit_ray.reference import LockstepHooks
 from fisedit_ray.sparse_unet import GatherPlans, Lane, SparseUNet
+from fisedit_ray.step_program import StepProgram
 
 Mode = Literal["sparse", "reference", "dense"]
 MODES = ("sparse", "reference", "dense")
@@ -121,7 +122,8 @@ class _SparseJob:
     reads: dict = field(default_factory=dict)  # the parent's reads: placements, steps read ahead
 
     def cell_counts(self) -> tuple[int, ...]:
-        return tuple(len(cells) for cells in self.plans.pyramid.cells)
+        """The rows a pass computes per level (a padded pass's padding included)."""
+        return tuple(len(cells) for cells in self.plans.cells)
 
     def macs_key(self, conv_sites: Iterable[tuple]) -> tuple:
         """What a pass's MACs depend on besides the active cells: shapes, and which convs run dense."""
@@ -181,10 +183,13 @@ class EditEngine:
         *,
         cache_dtype: torch.dtype | str = torch.float32,
         cache_device: torch.device | str | None = None,
+        compile: bool = False,
     ):
         """`cache_dtype`: how caches store their maps; `cache_device`: where they are kept (default:
         the engine's device; `"cpu"` on a GPU engine: host memory, from which an edit copies the rows
-        it reads, overlapped with its compute, `kernels.transfer`)."""
+        it reads, overlapped with its compute, `kernels.transfer`); `compile`: sparse steps run as
+        compiled programs, one per bucket of active-cell counts (`step_program`; the first edit of
+        a new bucket pays its compile time, `stats["compile_seconds"]`)."""
         self.pipe = pipe
         self._lock = threading.Lock()
         # `check_prompt` runs outside `_lock` (a service checks a prompt while a batch runs): its
@@ -194,6 +199,7 @@ class EditEngine:
         self._sparse_macs = AffineMacs()  # the MAC counter is a slow dispatch mode: count rarely
         self._dense_macs: dict[tuple, int] = {}
         self.sparse_unet = SparseUNet(pipe.unet)
+        self.step_program = StepProgram(self.sparse_unet) if compile else None
         self.cache_dtype = parse_dtype(cache_dtype)
         self.cache_device = None if cache_device is None else torch.device(cache_device)
         pipe.set_progress_bar_config(disable=True)
@@ -207,13 +213,14 @@ class EditEngine:
         device: str | torch.device = "cpu",
         cache_dtype: torch.dtype | str | None = None,
         cache_device: str | torch.device | None = None,
+        compile: bool = False,
     ) -> EditEngine:
         """`device="auto"`: a GPU where this process sees one (a Ray replica sees only those it was
         given), else the CPU."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         pipe = load_pipeline(name_or_path, dtype).to(device)
-        return cls(pipe, cache_dtype=cache_dtype or dtype, cache_device=cache_device)
+        return cls(pipe, cache_dtype=cache_dtype or dtype, cache_device=cache_device, compile=compile)
 
     @classmethod
     def from_pipeline(
@@ -222,8 +229,10 @@ class EditEngine:
         *,
         cache_dtype: torch.dtype | str | None = None,
         cache_device: str | torch.device | None = None,
+        compile: bool = False,
     ) -> EditEngine:
-        return cls(pipe, cache_dtype=cache_dtype or pipe.unet.dtype, cache_device=cache_device)
+        cache_dtype = cache_dtype or pipe.unet.dtype
+        return cls(pipe, cache_dtype=cache_dtype, cache_device=cache_device, compile=compile)
 
     # ---- properties ---------------------------------------------------------------------------
     # Read off a parameter: diffusers' `ModelMixin.device` walks every module (~2 ms a call).
@@ -302,7 +311,7 @@ class EditEngine:
         _check_edit_prompt(prompt)
         config = capture or CaptureConfig()
         settings = parent.settings
-        phases = _Phases()
+        phases, compiled_before = _Phases(), self._compile_seconds()
         with phases("text_encode"):
             embeds = self._encode(prompt, settings)
         with phases("mask"):
@@ -324,8 +333,32 @@ class EditEngine:
         with phases("decode"):
             image = self._image(cache, parent, latent_mask, mode, output_type)
         macs["executed"] += found["capture_macs"]
+        found["compile_seconds"] = self._compile_seconds() - compiled_before
         stats = _stats(mode, macs, phases, cache, mask_ratio=pyramid.ratio, **found)
         return Version(prompt, settings, mode, cache.latents[-1], image, cache, stats, parent, latent_mask)
+
+    def warm_up(
+        self,
+        mask_ratios: Iterable[float],
+        *,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> float:
+        """Compile the step programs of edits with compact masks of `mask_ratios` at this size and
+        guidance (a service replica does before it reports healthy); returns the seconds it took.
+        Nothing to do for an engine that does not compile."""
+        if self.step_program is None:
+            return 0.0
+        start = time.perf_counter()
+        parent = self.generate(
+            "", num_inference_steps=2, guidance_scale=guidance_scale, height=height, width=width,
+            output_type="latent",
+        )  # fmt: skip
+        for ratio in mask_ratios:  # two steps: the first runs eagerly, the second compiles
+            mask = blob_mask(tuple(parent.latents.shape[-2:]), ratio, seed=0)
+            self.edit(parent, "warm up", mask=mask, output_type="latent")
+        return time.perf_counter() - start
 
     @_one_at_a_time
     @torch.no_grad()
@@ -380,7 +413,7 @@ class EditEngine:
             _check_cached(parent)
             _check_edit_prompt(prompt)
         config = capture or CaptureConfig()
-        phases = _Phases()
+        phases, compiled_before = _Phases(), self._compile_seconds()
         with phases("text_encode"):
             embeds = [self._encode(prompt, parent.settings) for parent, prompt, _ in requests]
         with phases("mask"):
@@ -406,7 +439,14 @@ class EditEngine:
         ):
             macs["executed"] += found["capture_macs"]
             stats = _stats(
-                "sparse", macs, phases, cache, mask_ratio=pyramid.ratio, batch_size=len(requests), **found
+                "sparse",
+                macs,
+                phases,
+                cache,
+                mask_ratio=pyramid.ratio,
+                batch_size=len(requests),
+                compile_seconds=self._compile_seconds() - compiled_before,
+                **found,
             )
             version = Version(
                 prompt, parent.settings, "sparse", cache.latents[-1], image, cache, stats, parent, latent_mask
@@ -713,7 +753,7 @@ class EditEngine:
                 results[j] = (cache, self._run_dense([_spec(embeds, None)], parent.settings, cache))
             else:
                 run = self._start(_spec(embeds, pyramid), parent.settings)
-                plans = GatherPlans(pyramid, self.device, self.dtype)
+                plans = GatherPlans(pyramid, self.device, self.dtype, padded=self.step_program is not None)
                 lanes.append(_SparseJob(j, parent, run, plans, cache))
         if len({job.parent.cache.num_steps for job in lanes}) > 1:
             raise ValueError("edits run together must have the same number of denoising steps")
@@ -727,18 +767,16 @@ class EditEngine:
                 for job in lanes:
                     job.macs = self._sparse_macs.predict(job.macs_key(sites), job.cell_counts())
                     if job.macs is None:
-                        (job.output,), job.macs = count_macs(partial(self.sparse_unet.run_lanes, [job.lane]))
+                        (job.output,), job.macs = count_macs(partial(self._sparse_pass, [job.lane]))
                         self._sparse_macs.add(job.macs_key(sites), job.cell_counts(), job.macs)
                         counted.append(job)
                 rest = [job for job in lanes if job not in counted]
                 if rest:
-                    for job, out in zip(
-                        rest, self.sparse_unet.run_lanes([j.lane for j in rest]), strict=True
-                    ):
+                    for job, out in zip(rest, self._sparse_pass([j.lane for j in rest]), strict=True):
                         job.output = out
                 outs = [job.output for job in lanes]
             else:
-                outs = self.sparse_unet.run_lanes([job.lane for job in lanes])
+                outs = self._sparse_pass([job.lane for job in lanes])
             for job, out in zip(lanes, outs, strict=True):
                 job.finish(self, i, out)
         for job in lanes:
@@ -746,6 +784,15 @@ class EditEngine:
             dense_per_step = job.parent.stats["unet_macs_per_step"]
             results[job.index] = (job.cache, _macs(job.macs, dense_per_step, job.parent.cache.num_steps))
         return results
+
+    def _sparse_pass(self, lanes: list[Lane]) -> list[torch.Tensor]:
+        """One sparse U-Net pass over `lanes`: a step program where the engine compiles, else eager."""
+        if self.step_program is not None:
+            return self.step_program.run(lanes)
+        return self.sparse_unet.run_lanes(lanes)
+
+    def _compile_seconds(self) -> float:
+        return 0.0 if self.step_program is None else self.step_program.compile_seconds
 
     def _decode(self, latents: torch.Tensor, output_type: str) -> Image.Image | None:
         if output_type == "latent":

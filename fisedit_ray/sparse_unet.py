@@ -50,10 +50,35 @@ class Active:
     level: int
 
 
+def bucket_size(n: int) -> int:
+    """The rows a padded pass computes for `n` active cells (or halo cells): 0 for none, else the
+    next size of the ladder 8, 12, 16, 24, 32, 48, 64, ...: at most a third more than `n` past 8,
+    and few sizes, so that one compiled step program serves many masks."""
+    size = 8
+    while size < n:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return size if n else 0
+
+
+def halo_bucket_size(n: int, rows: int) -> int:
+    """The rows a padded pass reads for `n` halo cells of a conv over `rows` (padded) active input
+    rows: 0 for none, else `rows` times a power of two (at least 8): halos follow their active
+    cells, so masks of the same active buckets mostly share their halo buckets too."""
+    size = max(rows, 8)
+    while size < n:
+        size *= 2
+    return size if n else 0
+
+
 class GatherPlans:
     """Index plans of one mask pyramid, built once per edit and reused at every step, and which of
     its convs run dense (`costs`, a measured table; by default the one shipped for the device and
-    `dtype`)."""
+    `dtype`).
+
+    `padded`: each level's active cells and each conv's halo cells padded up to their buckets, so
+    that a pass's shapes depend only on the buckets (`step_program`): a padded row repeats the last
+    real cell (so it computes that cell's values again, which the pass writes nowhere: statistics
+    leave it out, records and outputs drop it), and every conv runs pixel-wise."""
 
     def __init__(
         self,
@@ -61,16 +86,22 @@ class GatherPlans:
         device: torch.device,
         dtype: torch.dtype = torch.float32,
         costs: ConvCosts | None = None,
+        padded: bool = False,
     ):
         self.pyramid = pyramid.to(device)
         self.device = device
         self.costs = costs or ConvCosts.shipped(torch.device(device).type, dtype)
+        self.padded = padded
+        # the rows a pass computes at each level: the active cells, then any padding
+        self.cells = tuple(_padded(cells) if padded else cells for cells in self.pyramid.cells)
         self._plans: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._dense: dict[tuple, bool] = {}
         self._inactive: dict[int, torch.Tensor] = {}
 
     def runs_dense(self, site: tuple) -> bool:
         """Whether the conv at `site` (`SparseUNet.conv_sites`) runs dense for this mask."""
+        if self.padded:
+            return False
         if site not in self._dense:
             conv, _, out_level, _ = site
             cells = self.pyramid.masks[out_level].numel()
@@ -91,21 +122,28 @@ class GatherPlans:
         return tuple(self.runs_dense(site) for site in sites)
 
     def conv(self, conv: nn.Conv2d, in_level: int, out_level: int, upsampled: bool):
-        """`(index, halo_cells)`: the pixel-wise conv's gather plan (`gather_plan`)."""
+        """`(index, halo_cells)`: the pixel-wise conv's gather plan (`gather_plan`) for the rows of
+        `cells` (a padded plan's halo cells padded too, its index reading none of the extra ones)."""
         key = (conv.kernel_size, conv.stride, conv.padding, in_level, out_level, upsampled)
         if key not in self._plans:
             p = self.pyramid
             out_size = p.sizes[out_level]
             grid = out_size if upsampled else p.sizes[in_level]
             positions = conv_input_positions(
-                p.cells[out_level], out_size[1], grid, conv.kernel_size[0], conv.stride[0], conv.padding[0]
+                self.cells[out_level], out_size[1], grid, conv.kernel_size[0], conv.stride[0], conv.padding[0]
             )
             if upsampled:  # the conv reads a nearest-upsampled map: map its cells to the coarse ones
                 coarse = p.sizes[in_level]
                 ids = torch.arange(coarse[0] * coarse[1], dtype=torch.float32).reshape(1, 1, *coarse)
                 source = F.interpolate(ids, size=out_size, mode="nearest").long().flatten().to(self.device)
                 positions = torch.where(positions >= 0, source[positions.clamp(min=0)], positions)
-            self._plans[key] = gather_plan(positions, p.rank[in_level])
+            rows = len(self.cells[in_level])
+            index, halo_cells = gather_plan(positions, p.rank[in_level], rows)
+            if self.padded:  # the zero row moves past the padded halo rows
+                halo_rows = halo_bucket_size(len(halo_cells), rows)
+                index = torch.where(index == rows + len(halo_cells), rows + halo_rows, index)
+                halo_cells = _padded(halo_cells, halo_rows)
+            self._plans[key] = (index, halo_cells)
         return self._plans[key]
 
 
@@ -142,9 +180,11 @@ class SparseUNet:
     def gemm_weight(self, layer: nn.Linear | nn.Conv2d) -> GemmWeight:
         """`layer`'s weight as its GEMM reads it (a conv's as `conv_matrix` lays it out), prepared
         once per weight tensor (again if it changes)."""
+        cached = self._gemm_weights.get(layer)
+        if cached is not None and torch.compiler.is_compiling():  # prepared by the eager first step
+            return cached[1]
         w = layer.weight
         identity = (w.data_ptr(), w._version, w.dtype, w.device)
-        cached = self._gemm_weights.get(layer)
         if cached is None or cached[0] != identity:
             matrix = w.detach()
             if isinstance(layer, nn.Conv2d):
@@ -224,7 +264,8 @@ class _Run:
         self.temb_act = F.silu(torch.cat(temb))  # [lanes * B, D]: what every resnet projects
 
     def counts(self, level: int) -> list[int]:
-        return [len(lane.plans.pyramid.cells[level]) for lane in self.lanes]
+        """Each lane's rows at `level`: its active cells, and any padding (`GatherPlans.padded`)."""
+        return [len(lane.plans.cells[level]) for lane in self.lanes]
 
     def split(self, values: torch.Tensor, level: int) -> tuple[torch.Tensor, ...]:
         return values.split(self.counts(level), dim=1)
@@ -238,20 +279,43 @@ class _Run:
         return self._held[key]
 
     def segment(self, level: int) -> torch.Tensor:
-        """The lane of each active cell of `level`, as the values are concatenated."""
+        """The lane of each row of `level`, as the values are concatenated."""
         key = ("segment", level)
         if key not in self._held:
             counts = torch.tensor(self.counts(level))
             self._held[key] = torch.repeat_interleave(counts).to(self.device)
         return self._held[key]
 
+    def sum_segment(self, level: int) -> torch.Tensor | None:
+        """The segment each row of `level` adds its statistics to (`segment_sums`): its lane, or
+        none for a padded row; None for one unpadded lane (all rows, one sum)."""
+        key = ("sum_segment", level)
+        if key not in self._held:
+            lanes = self.lanes
+            if len(lanes) == 1 and not lanes[0].plans.padded:
+                self._held[key] = None
+            else:
+                owners = []
+                for j, (lane, rows) in enumerate(zip(lanes, self.counts(level), strict=True)):
+                    real = len(lane.plans.pyramid.cells[level])
+                    owners += [j] * real + [len(lanes)] * (rows - real)
+                self._held[key] = torch.tensor(owners, device=self.device)
+        return self._held[key]
+
+    def real_rows(self, j: int, level: int) -> torch.Tensor:
+        """`[rows, 1]`: 1 for lane `j`'s rows of real cells at `level`, 0 for its padding."""
+        key = ("real_rows", j, level)
+        if key not in self._held:
+            plans = self.lanes[j].plans
+            real = torch.arange(len(plans.cells[level]), device=self.device) < len(plans.pyramid.cells[level])
+            self._held[key] = real[:, None]
+        return self._held[key]
+
     # ---- top level ----------------------------------------------------------------------------
     def forward(self) -> list[torch.Tensor]:
         unet = self.unet
         inputs = [tokens(lane.sample) for lane in self.lanes]
-        active = [
-            x.index_select(1, lane.plans.pyramid.cells[0]) for x, lane in zip(inputs, self.lanes, strict=True)
-        ]
+        active = [x.index_select(1, lane.plans.cells[0]) for x, lane in zip(inputs, self.lanes, strict=True)]
         x0 = torch.cat(active, dim=1)
         h = self.conv(unet.conv_in, Active(x0, 0), lambda j, cells: (inputs[j].index_select(1, cells), None))
         skips = [h]
@@ -372,21 +436,23 @@ class _Run:
         All lanes at once: each lane's sums are a segment of the per-cell sums, so the op count does
         not grow with the lanes, except for reading and recording each lane's own cache."""
         groups, channels, level = norm.num_groups, x.values.shape[-1], x.level
-        lanes, segment = self.lanes, self.segment(level)
+        lanes, segment, sum_segment = self.lanes, self.segment(level), self.sum_segment(level)
+        padded = any(lane.plans.padded for lane in lanes)
         kinds = {lane.parent.cache.kinds[key] for lane in lanes}
         if len(kinds) > 1:
             raise ValueError(f"lanes of one pass store {key!r} differently: {sorted(kinds)}")
         sums_only = kinds.pop() == NORM_CELL_SUMS
         parent_sums = torch.stack([lane.parent.stats(key) for lane in lanes], dim=2)  # [2, B, L, G]
-        # each lane's rows in its chain's order: only their sums are needed
-        parent_rows = _cat([lane.parent.gather(key, lane.plans.pyramid.cells[level], True) for lane in lanes])
+        # each lane's rows in its chain's order (only their sums are needed), or in the pass's order
+        # where some are padding, which the sums leave out
+        parent_rows = _cat([lane.parent.gather(key, lane.plans.cells[level], not padded) for lane in lanes])
         if sums_only:  # the parent keeps per-cell sums in float32; so will this edit
             new_cells = cell_sums(x.values, groups)
-            removed = segment_sums(parent_rows, segment, len(lanes))
+            removed = segment_sums(parent_rows, sum_segment, len(lanes))
         else:
             new_cells = cell_sums(x.values, groups, torch.float64)
-            removed = segment_sums(cell_sums(parent_rows, groups, torch.float64), segment, len(lanes))
-        sums = parent_sums - removed + segment_sums(new_cells, segment, len(lanes))
+            removed = segment_sums(cell_sums(parent_rows, groups, torch.float64), sum_segment, len(lanes))
+        sums = parent_sums - removed + segment_sums(new_cells, sum_segment, len(lanes))
         mean, rstd = group_stats(sums, self.map_cells(level) * (channels // groups), norm.eps)
         scale, shift = norm_scale_shift(mean, rstd, norm.weight, norm.bias, channels, x.values.dtype)
         out = segment_norm_act(x.values, segment, scale, shift, silu)
@@ -402,6 +468,7 @@ class _Run:
             else:
                 stored = lane.store.put(lane.record, key, values)
                 if lane.store.storage_dtype != values.dtype:  # statistics of what is stored
+                    stored = stored * self.real_rows(j, level) if lane.plans.padded else stored
                     stats = parent_sums[:, :, j] - removed[:, :, j] + group_sums(stored, groups)
             lane.record[key + STATS] = stats
 
@@ -448,7 +515,7 @@ class _Run:
         heads = attn.heads if head_major_keys(q.device) else None
         outs = []
         for lane, q_j, k_j, v_j in zip(self.lanes, *(t.split(counts, dim=1) for t in (q, k, v)), strict=True):
-            cells = lane.plans.pyramid.cells[level]
+            cells = lane.plans.cells[level]  # a padded row writes its cell's own values again
             keys = lane.parent.full(f"{name}.attn1.to_k", lane.scratch, heads)
             values = lane.parent.full(f"{name}.attn1.to_v", lane.scratch, heads)
             keys[:, cells], values[:, cells] = (x.reshape(*x.shape[:2], *keys.shape[2:]) for x in (k_j, v_j))
@@ -539,3 +606,9 @@ def _reordered(index: torch.Tensor, active: int, order: torch.Tensor | None) -> 
 def _cat(rows: list[torch.Tensor]) -> torch.Tensor:
     """Lanes' rows `[B, n_j, C]` as one tensor (no copy for a single lane)."""
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+
+
+def _padded(cells: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """`cells` padded to `rows` (default: `bucket_size`) by repeating the last one."""
+    extra = (bucket_size(len(cells)) if rows is None else rows) - len(cells)
+    return torch.cat([cells, cells[-1:].expand(extra)]) if extra else cells

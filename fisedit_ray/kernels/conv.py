@@ -51,7 +51,7 @@ def sparse_conv2d(
     # One row gather over the batch-flattened rows: index_select along dim 0 of a 2-D tensor is a
     # plain row copy, several times faster on a CPU than along dim 1 of a 3-D one.
     flat = (index.reshape(1, -1) + r * torch.arange(b, device=index.device)[:, None]).reshape(-1)
-    if workspace is None:
+    if workspace is None or torch.compiler.is_compiling():  # a compiled step plans its own memory
         patches = rows.reshape(b * r, c).index_select(0, flat)
     else:
         workspace.resize_(0)  # keeps its memory; an out= tensor of another shape would warn

@@ -27,15 +27,18 @@ def conv_input_positions(
     return flat.reshape(len(out_cells), kernel * kernel)
 
 
-def gather_plan(positions: torch.Tensor, source_rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_plan(
+    positions: torch.Tensor, source_rank: torch.Tensor, active_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Split the source cells a gather reads into active ones and halo ones.
 
     `positions` holds source-grid cells (-1 for zero padding); `source_rank[cell]` is the cell's row in
     the active values, or -1 if the cell is inactive. Returns `(index, halo_cells)`: `index` addresses
     rows of `cat([active, halo, zero_row])`, `halo_cells` lists the inactive source cells read, whose
-    values come from the cache.
+    values come from the cache. `active_rows`: how many rows the active values have, if more than
+    the active cells (a padded pass, whose extra rows no index reads).
     """
-    n_active = int((source_rank >= 0).sum())
+    n_active = int((source_rank >= 0).sum()) if active_rows is None else active_rows
     valid = positions >= 0
     safe = positions.clamp(min=0)
     rank = torch.where(valid, source_rank[safe], torch.full_like(safe, -1))

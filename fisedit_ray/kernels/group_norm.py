@@ -33,14 +33,15 @@ def cell_sums(x: torch.Tensor, groups: int, dtype: torch.dtype = torch.float32) 
 
 def segment_sums(cells: torch.Tensor, segment: torch.Tensor | None, segments: int) -> torch.Tensor:
     """`[2, B, S, G]` float64 group sums of the cells of each segment, from per-cell sums
-    `[B, N, 2G]` (`cell_sums`) and each cell's segment `[N]` (unused for one segment): the
-    statistics of several requests' cells in one pass."""
+    `[B, N, 2G]` (`cell_sums`) and each cell's segment `[N]` (None: all cells, one segment): the
+    statistics of several requests' cells in one pass. A cell of segment `S` counts nowhere (a
+    padded pass's extra rows)."""
     b, _, g2 = cells.shape
-    if segments == 1:
+    if segment is None:
         out = cells.to(torch.float64).sum(dim=1, keepdim=True)
     else:
-        out = torch.zeros(b, segments, g2, dtype=torch.float64, device=cells.device)
-        out.index_add_(1, segment, cells.to(torch.float64))
+        out = torch.zeros(b, segments + 1, g2, dtype=torch.float64, device=cells.device)
+        out = out.index_add_(1, segment, cells.to(torch.float64))[:, :segments]
     return out.reshape(b, segments, 2, g2 // 2).permute(2, 0, 1, 3)
 
 
