@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch._inductor.codecache
 from diffusers import UNet2DConditionModel
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from unet_step import SD15_UNET, record
