@@ -52,7 +52,7 @@ class Active:
 
 def bucket_size(n: int) -> int:
     """The rows a padded pass computes for `n` active cells (or halo cells): 0 for none, else the
-    next size of the ladder 8, 12, 16, 24, 32, 48, 64, ...: at most a third more than `n` past 8,
+    next size of the ladder 8, 12, 16, 24, 32, 48, 64, ...: under one and a half times `n` past 8,
     and few sizes, so that one compiled step program serves many masks."""
     size = 8
     while size < n:
