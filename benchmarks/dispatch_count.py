@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 import torch._inductor.codecache
 from diffusers import UNet2DConditionModel
+from sd_shapes import SD15_UNET
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from unet_step import SD15_UNET, record
+from unet_step import record
 
 from fisedit_ray.masks import MaskPyramid, blob_mask
 from fisedit_ray.models import load_pipeline
-from fisedit_ray.sparse_unet import GatherPlans, Lane
+from fisedit_ray.sparse_unet import GatherPlans, Lane, SparseUNet
 from fisedit_ray.step_program import StepProgram
 
 # a call in a compiled program's wrapper: a fused loop, a library kernel, or an aten op
@@ -108,7 +109,9 @@ def main() -> None:
                 sparse_unet.run_lanes(lanes())  # the pass's first step prepares its plans
                 row["sparse_eager_ops"] = counted(lambda: sparse_unet.run_lanes(lanes()))
                 continue
-            program = StepProgram(sparse_unet, compiled=args.compiled)
+            # a compiled program's weights are plain
+            program_unet = SparseUNet(unet, packed=not args.compiled)
+            program = StepProgram(program_unet, compiled=args.compiled)
             inner = program._program
 
             def uncounted(*a, inner=inner):  # the program's own calls are counted from its code

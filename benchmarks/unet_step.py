@@ -24,9 +24,14 @@ With `--lanes K`, K edits of each ratio (each its own blob, input and scratch) r
 the service's batcher runs edits of similar sparsity (`SparseUNet.run_lanes`: every GEMM once for
 all of them, so a deep layer's weight is read once for K edits' rows), against diffusers on the
 same K guidance batches as one batch of 2K.
+With `--compiled`, each mask's step also runs as a compiled step program (`StepProgram`, plans
+padded to buckets) in the same rounds: `compiled_s`, `compiled_speedup`, `compiled_efficiency`
+(against the unpadded step's MACs reduction: the padding's extra rows count as overhead) and the
+program's `compile_s`.
 Writes Parquet and a PNG plot.
 
     python benchmarks/unet_step.py --latent 64
+    python benchmarks/unet_step.py --latent 64 --ratios 0.016 --compiled
     python benchmarks/unet_step.py --latent 64 --dtype bfloat16
     python benchmarks/unet_step.py --latent 64 --lanes 4
 """
@@ -52,6 +57,7 @@ from fisedit_ray.kernels.linear import linear
 from fisedit_ray.macs import count_macs
 from fisedit_ray.masks import MaskPyramid, blob_mask
 from fisedit_ray.sparse_unet import GatherPlans, Lane, SparseUNet
+from fisedit_ray.step_program import StepProgram
 
 
 @torch.no_grad()
@@ -68,6 +74,7 @@ def main() -> None:
     parser.add_argument("--lanes", type=int, default=1, help="edits of each ratio run in one pass")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (the Triton kernels)")
+    parser.add_argument("--compiled", action="store_true", help="also each step as a compiled program")
     parser.add_argument("--out", type=Path, default=Path("results/unet_step"))
     args = parser.parse_args()
     if args.lanes < 1:
@@ -114,8 +121,27 @@ def main() -> None:
             )
 
         masks[statistics.mean(p.pyramid.ratio for p, _, _ in lanes)] = (lanes, sparse)
+    programs = {}  # each ratio's step as a compiled program over padded plans, compiled here
+    program_unet = SparseUNet(unet, packed=False)  # its own weights: a program's are plain
+    for ratio, (lanes, _) in masks.items() if args.compiled else ():
+        program = StepProgram(program_unet)
+        padded = [(GatherPlans(p.pyramid, sample.device, padded=True), x, {}) for p, x, _ in lanes]
+
+        def compiled(program=program, padded=padded):
+            return program.run(
+                [Lane(x, t, text, cache.reader(0, device, dtype), p, scratch=s) for p, x, s in padded]
+            )
+
+        compiled()  # the pass's first step: eager, logging its reads
+        compiled()  # compiles
+        programs[("compiled", ratio)] = (compiled, program)
     # dense and every mask's sparse step in rounds: each speed-up is the median of its rounds' ratios
-    times = interleaved_seconds({"dense": dense, **{r: m[1] for r, m in masks.items()}}, args.repeats)
+    steps = {
+        "dense": dense,
+        **{r: m[1] for r, m in masks.items()},
+        **{k: c for k, (c, _) in programs.items()},
+    }
+    times = interleaved_seconds(steps, args.repeats)
     dense_s = statistics.median(times["dense"])
     print(f"dense {dense_s:.3f}s; reading every weight once takes {stream_s:.3f}s")
     rows = []
@@ -146,6 +172,7 @@ def main() -> None:
             "efficiency_library": (dense_s / library_s) / (dense_macs / sparse_macs),
             "efficiency_pace": (dense_s / pace_s) / (dense_macs / sparse_macs),
             "cache_bytes_per_step": step_bytes,
+            **compiled_columns(times, mask_ratio, programs, dense_macs / sparse_macs),
             "threads": args.threads,
             "repeats": args.repeats,
         }
@@ -165,6 +192,12 @@ def main() -> None:
             f"GEMMs {row['gemm_s']:.3f}s (at dense pace {row['gemm_pace_s']:.3f}s), "
             f"attention {row['attention_s']:.3f}s (efficiency at these two alone "
             f"{row['efficiency_library']:.2f}), rest {row['rest_s']:.3f}s"
+            + (
+                f"  compiled {row['compiled_s']:.3f}s, {row['compiled_speedup']:.2f}x, efficiency "
+                f"{row['compiled_efficiency']:.2f} (compile {row['compile_s']:.0f}s)"
+                if args.compiled
+                else ""
+            )
             + (
                 f"  |err| vs fp32: sparse {row['sparse_max_abs_error_vs_fp32']:.3g}, "
                 f"dense {row['dense_max_abs_error_vs_fp32']:.3g}"
@@ -251,6 +284,19 @@ def gemm_breakdown(step, stream_bytes_per_s: float, macs_per_s: float, repeats: 
         "attention_s": attention,
         "attention_pace_s": attention_pace,
         "rest_s": total - gemm - attention,
+    }
+
+
+def compiled_columns(times: dict, ratio: float, programs: dict, macs_reduction: float) -> dict:
+    """The compiled program's columns of a mask's row (none without `--compiled`)."""
+    if ("compiled", ratio) not in programs:
+        return {}
+    speedup = round_ratios(times["dense"], times["compiled", ratio])
+    return {
+        "compiled_s": statistics.median(times["compiled", ratio]),
+        "compiled_speedup": speedup,
+        "compiled_efficiency": speedup / macs_reduction,
+        "compile_s": programs["compiled", ratio][1].compile_seconds,
     }
 
 

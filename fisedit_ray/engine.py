@@ -198,7 +198,7 @@ class EditEngine:
         self._prompt_tokenizer_lock = threading.Lock()
         self._sparse_macs = AffineMacs()  # the MAC counter is a slow dispatch mode: count rarely
         self._dense_macs: dict[tuple, int] = {}
-        self.sparse_unet = SparseUNet(pipe.unet)
+        self.sparse_unet = SparseUNet(pipe.unet, packed=not compile)  # see `SparseUNet`
         self.step_program = StepProgram(self.sparse_unet) if compile else None
         self.cache_dtype = parse_dtype(cache_dtype)
         self.cache_device = None if cache_device is None else torch.device(cache_device)

@@ -154,11 +154,14 @@ class SparseUNet:
     k x k conv's laid out for the patch GEMM (`conv_matrix`), and on a CPU the big ones (all, in
     bf16) packed for oneDNN. For a Stable Diffusion 1.5 U-Net on a CPU, 94% more weight memory in
     fp32 (63% with k x k convs alone, on a GPU), for GEMMs up to 2.7x faster over few rows.
+    `packed=False` keeps every weight plain, as a compiled step program needs them (inductor cannot
+    take oneDNN's packed weights as inputs).
     """
 
-    def __init__(self, unet: UNet2DConditionModel):
+    def __init__(self, unet: UNet2DConditionModel, packed: bool = True):
         validate_unet(unet)
         self.unet = unet
+        self.packed = packed
         self.names = {m: n for n, m in unet.named_modules()}
         self._gemm_weights: dict[nn.Module, tuple[tuple, GemmWeight]] = {}
         self._pass_indices: tuple[tuple, dict] = ((), {})
@@ -189,7 +192,7 @@ class SparseUNet:
             matrix = w.detach()
             if isinstance(layer, nn.Conv2d):
                 matrix = conv_matrix(matrix) if layer.kernel_size != (1, 1) else matrix.flatten(1)
-            cached = (identity, GemmWeight.of(matrix))
+            cached = (identity, GemmWeight.of(matrix) if self.packed else GemmWeight(matrix.detach()))
             self._gemm_weights[layer] = cached
         return cached[1]
 

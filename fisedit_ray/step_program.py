@@ -42,9 +42,12 @@ def _forward(sparse: SparseUNet, lanes: list[Lane]) -> list[torch.Tensor]:
 
 class StepProgram:
     """Runs sparse passes of padded plans as fixed programs (compiled unless `compiled=False`,
-    which runs the same split eagerly). `compile_seconds` and `programs` count what compiling cost."""
+    which runs the same split eagerly). `compile_seconds` and `programs` count what compiling cost.
+    A compiled program needs `sparse`'s weights plain (`SparseUNet(packed=False)`)."""
 
     def __init__(self, sparse: SparseUNet, compiled: bool = True):
+        if compiled and sparse.packed:
+            raise ValueError("a compiled step program needs plain weights: SparseUNet(unet, packed=False)")
         self.sparse = sparse
         self.compiled = compiled
         # on a GPU, CUDA graphs too (one per program, replayed at every step): untested on a GPU

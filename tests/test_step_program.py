@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fisedit_ray import EditEngine
 from fisedit_ray.capture import CaptureConfig
 from fisedit_ray.masks import blob_mask
-from fisedit_ray.sparse_unet import bucket_size, halo_bucket_size
+from fisedit_ray.sparse_unet import SparseUNet, bucket_size, halo_bucket_size
 from fisedit_ray.step_program import StepProgram
 
 STEPS = 4
@@ -133,6 +133,12 @@ def test_no_host_reads_after_the_first_step(padded_engines, monkeypatch):
     for syncs in seen[1:]:
         assert syncs.ops > 100  # the step ran under the counter
         assert dict(syncs.counts) == {}
+
+
+def test_a_compiled_program_refuses_packed_weights(sd1_pipe):
+    with pytest.raises(ValueError, match="plain weights"):
+        StepProgram(SparseUNet(sd1_pipe.unet), compiled=True)
+    assert not EditEngine.from_pipeline(sd1_pipe, compile=True).sparse_unet.packed
 
 
 @pytest.fixture(scope="module")
