@@ -94,6 +94,7 @@ def main() -> None:
     cache, sparse_unet = record(unet, sample, t, text)
     dense = counted(lambda: unet(sample, t, encoder_hidden_states=text))
     print(f"{args.model} {size}: dense step {dense} operations", flush=True)
+    program_unet = SparseUNet(unet, packed=not args.compiled)  # a compiled program's weights are plain
     rows = []
     for ratio in args.ratios:
         pyramid = MaskPyramid.build(blob_mask(size, ratio, seed=0), cache.sizes)
@@ -109,8 +110,6 @@ def main() -> None:
                 sparse_unet.run_lanes(lanes())  # the pass's first step prepares its plans
                 row["sparse_eager_ops"] = counted(lambda: sparse_unet.run_lanes(lanes()))
                 continue
-            # a compiled program's weights are plain
-            program_unet = SparseUNet(unet, packed=not args.compiled)
             program = StepProgram(program_unet, compiled=args.compiled)
             inner = program._program
 

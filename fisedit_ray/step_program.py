@@ -25,7 +25,7 @@ from dataclasses import replace
 import torch
 import torch._dynamo
 
-from fisedit_ray.cache import STATS, ActivationCache, CacheReader
+from fisedit_ray.cache import SCALE, STATS, ActivationCache, CacheReader
 from fisedit_ray.sparse_unet import Lane, SparseUNet, _Run
 from fisedit_ray.unet_layout import NORM_CELL_SUMS
 
@@ -49,7 +49,6 @@ class StepProgram:
         if compiled and sparse.packed:
             raise ValueError("a compiled step program needs plain weights: SparseUNet(unet, packed=False)")
         self.sparse = sparse
-        self.compiled = compiled
         # on a GPU, CUDA graphs too (one per program, replayed at every step): untested on a GPU
         cuda = next(sparse.unet.parameters()).is_cuda
         mode = "reduce-overhead" if cuda else None
@@ -101,8 +100,8 @@ class StepProgram:
             if name.endswith(STATS):  # whole-map sums, set as they are
                 lane.record[name] = t
                 continue
-            key = name.split(":")[0]
-            t = t[:, : len(cells[cache.levels[key]])]  # maps `[B, rows, ...]`: the real cells' rows
+            # maps `[B, rows, ...]` and their int8 scales: the real cells' rows
+            t = t[:, : len(cells[cache.levels[name.removesuffix(SCALE)]])]
             # per-cell sums are set as they are; maps and their int8 scales recorded as `put` does
             cell_sums = cache.kinds.get(name) == NORM_CELL_SUMS
             lane.record[name] = t.contiguous() if cell_sums else cache._recorded(name, t, None)
