@@ -1,6 +1,10 @@
 """Versions in the Ray object store, owned by a long-lived deployment (an object dies with its owner,
 so request handlers must not own them). A replica that lacks a version fetches it from here before
-it falls back to rebuilding it from the lineage."""
+it falls back to rebuilding it from the lineage.
+
+The store is bounded: a byte budget (least recently used versions evicted first) and an idle expiry
+per session. It is a cache, not a record: if the owner dies, Serve restarts it empty and editors
+rebuild what they need from the lineage, bit for bit."""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from PIL import Image
 from ray import serve
 
 from fisedit_ray.cache import ActivationCache
+from fisedit_ray.deployments.budget import BoundedLRU
+from fisedit_ray.deployments.telemetry import count_evictions
 from fisedit_ray.engine import Settings, Version
 
 
@@ -40,6 +46,17 @@ def version_payload(version: Version, image_png: bytes | None) -> dict:
     }
 
 
+def payload_bytes(value) -> int:
+    """Bytes of a payload's arrays and byte strings (what it takes in the object store)."""
+    if isinstance(value, dict):
+        return sum(payload_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(payload_bytes(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    return len(value) if isinstance(value, bytes) else 0
+
+
 def version_from_payload(payload: dict, parent: Version | None, device: torch.device) -> Version:
     cache = ActivationCache.from_arrays(payload["cache"], parent.cache if parent is not None else None)
     image = Image.open(io.BytesIO(payload["image_png"])).convert("RGB") if payload["image_png"] else None
@@ -60,13 +77,15 @@ def version_from_payload(payload: dict, parent: Version | None, device: torch.de
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class CacheOwner:
-    def __init__(self) -> None:
-        self.refs: dict[tuple[str, str], ray.ObjectRef] = {}
+    def __init__(self, max_bytes: float = 4 * 2**30, idle_s: float = 3600.0) -> None:
+        """`max_bytes`: the budget of the versions held in the object store; `idle_s`: how long an
+        unused session's versions stay."""
+        self.refs: BoundedLRU[ray.ObjectRef] = BoundedLRU(max_bytes, idle_s, count_evictions("object_store"))
 
     def put(self, versions: list[tuple[str, str, dict]]) -> None:
         """Store `(session_id, version_id, payload)` of several versions (an editor's batch)."""
         for session_id, version_id, payload in versions:
-            self.refs[(session_id, version_id)] = ray.put(payload)
+            self.refs.put((session_id, version_id), ray.put(payload), payload_bytes(payload))
 
     def get(self, session_id: str, version_id: str) -> list:
         """`[ref]` of the version's payload (nested, so the caller reads the object store), or `[]`."""
@@ -74,7 +93,7 @@ class CacheOwner:
         return [ref] if ref is not None else []
 
     def drop(self, session_id: str) -> int:
-        keys = [k for k in self.refs if k[0] == session_id]
-        for k in keys:
-            del self.refs[k]
-        return len(keys)
+        return self.refs.drop_session(session_id)
+
+    def check_health(self) -> None:  # Serve calls this every period: idle sessions expire meanwhile
+        self.refs.expire()

@@ -22,19 +22,26 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections import OrderedDict, defaultdict
+import logging
+from collections import defaultdict
 
 import torch
 from PIL import Image
 from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from fisedit_ray import EditEngine
+from fisedit_ray.deployments.budget import BoundedLRU
 from fisedit_ray.deployments.cache_owner import png, version_from_payload, version_payload
+from fisedit_ray.deployments.telemetry import count_evictions
 from fisedit_ray.engine import Version
 from fisedit_ray.masks import mask_image, to_latent_mask
 
 SPARSITY_BUCKET = 0.1  # edits batched together differ by less than this in mask ratio
+OWNER_TIMEOUT_S = 10.0  # a cache owner that does not answer (dead, restarting) is skipped
+logger = logging.getLogger("ray.serve")
 
 
 class Editor:
@@ -47,14 +54,17 @@ class Editor:
         cache_device: str | None = None,
         threads: int = 1,
         hot_bytes: float = 4 * 2**30,
+        idle_s: float = 3600.0,
         owner: DeploymentHandle | None = None,
         max_batch_size: int = 8,
         batch_wait_s: float = 0.1,
         keep_caches: bool = True,
         compile_ratios: tuple[float, ...] = (),
     ):
-        """`compile_ratios`: run sparse steps as compiled programs, and compile those of edits with
-        masks of these ratios before the replica reports healthy (others compile on first use)."""
+        """`hot_bytes`, `idle_s`: the byte budget of the versions kept hot here (least recently used
+        evicted first) and how long an unused session's versions stay. `compile_ratios`: run sparse
+        steps as compiled programs, and compile those of edits with masks of these ratios before the
+        replica reports healthy (others compile on first use)."""
         self.owner = owner
         self.keep_caches = keep_caches  # False: a plain deployment, which serves dense edits only
         self._sparse_batch.set_max_batch_size(max_batch_size)  # 1: every edit runs alone
@@ -71,8 +81,9 @@ class Editor:
             compile=bool(compile_ratios),
         )
         self.engine.warm_up(compile_ratios)
-        self.hot_bytes = hot_bytes  # a budget for the versions' own caches (a generation's is big)
-        self.hot: OrderedDict[tuple[str, str], Version] = OrderedDict()  # LRU of versions
+        # a budget for the versions' own caches (a generation's is big); an evicted version comes
+        # back from the cache owner, or is rebuilt
+        self.hot: BoundedLRU[Version] = BoundedLRU(hot_bytes, idle_s, count_evictions("editor"))
         # `serve.batch` forms a batch while the previous one still runs; edits that come back at
         # slightly different times would then run as two half batches, out of phase for good.
         # Edits wait here while a batch runs, and join the next one together once it is done.
@@ -149,14 +160,20 @@ class Editor:
                 (sid, v.id, version_payload(v, image_png))
                 for (sid, _, v), image_png in zip(done, image_pngs, strict=True)
             ]
-            await self.owner.put.remote(payloads)
+            await self._ask_owner("put", payloads)
         return image_pngs
 
+    async def _ask_owner(self, method: str, *args):
+        """A call to the cache owner, or None if it cannot answer now: the object store is a cache
+        (the database and blob store keep what was acknowledged), and a version it lacks is rebuilt."""
+        try:
+            return await asyncio.wait_for(getattr(self.owner, method).remote(*args), OWNER_TIMEOUT_S)
+        except (RayError, RayServeException, TimeoutError) as e:
+            logger.warning(f"cache owner unavailable for {method}: {type(e).__name__}: {e}")
+            return None
+
     def _hot(self, session_id: str, version_id: str) -> Version | None:
-        version = self.hot.get((session_id, version_id))
-        if version is not None:
-            self.hot.move_to_end((session_id, version_id))
-        return version
+        return self.hot.get((session_id, version_id))
 
     def _latent_mask(self, parent: Version, record: dict) -> torch.Tensor | None:
         mask = self._mask_image(record)
@@ -176,15 +193,13 @@ class Editor:
     async def drop(self, session_id: str) -> int:
         """Forget a session's versions, here and in the cache owner."""
         if self.owner is not None:
-            await self.owner.drop.remote(session_id)
-        keys = [k for k in self.hot if k[0] == session_id]
-        for k in keys:
-            del self.hot[k]
-        return len(keys)
+            await self._ask_owner("drop", session_id)
+        return self.hot.drop_session(session_id)
 
     def check_health(self) -> None:  # Ray Serve calls this; raising marks the replica unhealthy
         if self.engine is None:
             raise RuntimeError("no engine")
+        self.hot.expire()  # every health check period: idle sessions go even when no call comes
 
     async def _materialise(self, session_id: str, lineage: list[dict]) -> tuple[list, list, Version]:
         """The last version of `lineage`: its nearest hot ancestor, then ancestors fetched from the
@@ -209,10 +224,13 @@ class Editor:
         return fetched, rebuilt, await asyncio.to_thread(self._compute, lineage[-1], version)
 
     async def _fetch(self, session_id: str, version_id: str) -> dict | None:
-        if self.owner is None:
+        refs = await self._ask_owner("get", session_id, version_id) if self.owner is not None else None
+        if not refs:
             return None
-        refs = await self.owner.get.remote(session_id, version_id)
-        return await refs[0] if refs else None
+        try:
+            return await refs[0]
+        except RayError:  # its owner died since: the object went with it
+            return None
 
     def _compute(self, record: dict, parent: Version | None) -> Version:
         if parent is None:
@@ -246,13 +264,7 @@ class Editor:
         return mask
 
     def _keep(self, session_id: str, version: Version) -> None:
-        """Keep `version` hot; evict the least recently used beyond the byte budget (an evicted
-        version comes back from the cache owner, or is rebuilt). The newest always stays."""
-        self.hot[(session_id, version.id)] = version
-        held = sum(v.stats["cache_bytes"]["total"] for v in self.hot.values())
-        while held > self.hot_bytes and len(self.hot) > 1:
-            _, evicted = self.hot.popitem(last=False)
-            held -= evicted.stats["cache_bytes"]["total"]
+        self.hot.put((session_id, version.id), version, version.stats["cache_bytes"]["total"])
 
 
 def _add_capture(stats: dict, capture: dict | None) -> None:

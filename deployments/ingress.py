@@ -1,182 +1,231 @@
 """The HTTP ingress: sessions, tokens, validation, images; edits without a mask get one from the
 mask-generation pool, then every edit goes to the editor pool.
 
-Every session call needs the session's token (`Authorization: Bearer <token>`); an unknown session
-or another session's token gets 404, so ids cannot be probed. A session's calls reach its editor
-replica by the session id (`routing.SessionRouter`: sticky, balanced); if that replica is gone,
-another one fetches or rebuilds the version from the lineage the ingress sends with every call.
+It holds no state: sessions and versions live in the database (`store.SessionStore`), images and
+masks in the blob store (`blobs.BlobStore`), so any number of ingress replicas serve any session and
+a restart loses nothing. A version is committed before its response is sent. Every session call
+needs the session's token (`Authorization: Bearer <token>`); an unknown session or another
+session's token gets 404, so ids cannot be probed. A session's calls reach its editor replica
+(`routing.SessionRouter`: sticky, balanced, told the replica that served the session last); if that
+replica is gone, another one fetches or rebuilds the version from the lineage sent with every call.
+A dead replica or database answers 503 with Retry-After: nothing was acknowledged, try again.
 """
 
+import asyncio
 import secrets
 import uuid
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable
+from typing import TypeVar
 
+import sqlalchemy as sa
 from fastapi import FastAPI, Header, HTTPException, Request, Response
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.config import BackpressureConfig
+from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from fisedit_ray.deployments.schemas import CreateEdit, CreateSession
+from fisedit_ray.deployments.blobs import BlobStore
+from fisedit_ray.deployments.routing import routing_key
+from fisedit_ray.deployments.schemas import CreateEdit, CreateSession, parse_body
+from fisedit_ray.deployments.store import SessionStore, VersionRow
 from fisedit_ray.deployments.telemetry import ServiceMetrics
 
 api = FastAPI(title="fisedit-ray", version="1")
-
-
-@dataclass
-class VersionRecord:
-    lineage: list[dict]  # root first, this version last: what the editor needs to rebuild it
-    parent: str | None
-    prompt: str
-    image_png: bytes
-    mask_png: bytes | None
-    stats: dict
-
-
-@dataclass
-class SessionRecord:
-    token: str
-    versions: dict[str, VersionRecord] = field(default_factory=dict)
+RETRY_AFTER_S = 2
+T = TypeVar("T")
 
 
 def _new_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+def _unavailable(what: str) -> HTTPException:
+    return HTTPException(503, f"{what}; nothing was stored, try again", {"Retry-After": str(RETRY_AFTER_S)})
+
+
 @serve.deployment(
     max_ongoing_requests=32,
     max_queued_requests=64,  # beyond: 503 with Retry-After
-    backpressure_config=BackpressureConfig(status_code=503, retry_after_s=2),
+    backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
 )
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, editor: DeploymentHandle, masker: DeploymentHandle):
+    def __init__(
+        self,
+        editor: DeploymentHandle,
+        masker: DeploymentHandle,
+        database_url: str,
+        blob_url: str,
+        max_body_bytes: int = 8 * 2**20,
+        session_max_edits: int = 32,
+    ):
+        """`max_body_bytes`: larger bodies get 413. `session_max_edits`: edits of one session this
+        replica runs at once; more get 429."""
         self.editor = editor
         self.masker = masker
-        self.sessions: dict[str, SessionRecord] = {}
+        self.store = SessionStore(database_url)
+        self.blobs = BlobStore(blob_url)
+        self.max_body_bytes = max_body_bytes
+        self.session_max_edits = session_max_edits
         self.metrics = ServiceMetrics()
         self._in_flight = 0  # editor calls awaited now: the queue depth this replica sees
+        self._editing: Counter[str] = Counter()  # edits in flight per session
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _session(self, session_id: str, authorization: str | None) -> SessionRecord:
+    async def _db(self, call: Callable[..., T], *args) -> T:
+        """A store or blob call, off the event loop; a database that cannot be reached is a 503."""
+        try:
+            return await asyncio.to_thread(call, *args)
+        except sa.exc.OperationalError as e:
+            raise _unavailable(f"the session database is unavailable ({e.orig})") from None
+
+    async def _authorize(self, session_id: str, authorization: str | None) -> None:
         if not authorization or not authorization.startswith("Bearer "):
             raise HTTPException(401, "this call needs the session's token: Authorization: Bearer <token>")
-        session = self.sessions.get(session_id)
-        token = authorization.removeprefix("Bearer ")
-        if session is None or not secrets.compare_digest(session.token, token):
+        if not await self._db(self.store.authorized, session_id, authorization.removeprefix("Bearer ")):
             raise HTTPException(404, f"no session {session_id!r} for this token")
-        return session
 
-    def _version(self, session: SessionRecord, session_id: str, version_id: str) -> VersionRecord:
-        version = session.versions.get(version_id)
+    async def _version(self, session_id: str, version_id: str) -> VersionRow:
+        version = await self._db(self.store.version, session_id, version_id)
         if version is None:
             raise HTTPException(404, f"session {session_id!r} has no version {version_id!r}")
         return version
 
-    async def _find_mask(self, lineage: list[dict]) -> tuple[bytes, dict]:
-        """The mask generator's mask for the last edit of `lineage` (PNG) and how it was found."""
-        result = await self.masker.find.remote(lineage)
+    def _lineage(self, session_id: str, version_id: str) -> list[dict]:
+        """What an editor needs to rebuild `version_id`: its chain from the generation, masks included."""
+        lineage = []
+        for row in self.store.lineage(session_id, version_id):
+            record = {"id": row.id, "prompt": row.prompt, **row.settings}
+            if row.parent_id is not None:
+                record["mask_png"] = self.blobs.get(row.mask_sha256) if row.mask_sha256 else None
+            lineage.append(record)
+        return lineage
+
+    async def _call(self, response) -> dict:
+        try:
+            result = await response
+        except (RayActorError, DeploymentUnavailableError) as e:  # killed mid-call: Serve restarts it
+            raise _unavailable(f"a replica stopped while serving this request ({type(e).__name__})") from None
         if "error" in result:
             raise HTTPException(400, result["error"])
-        return result["mask_png"], result["stats"]
+        return result
 
-    async def _run(self, session_id: str, lineage: list[dict]) -> dict:
+    async def _run(self, session_id: str, lineage: list[dict], home: str | None) -> dict:
         self._in_flight += 1
         self.metrics.in_flight.set(self._in_flight)
         try:
-            result = await self.editor.options(session_id=session_id).run.remote(session_id, lineage)
+            editor = self.editor.options(session_id=routing_key(session_id, home))
+            result = await self._call(editor.run.remote(session_id, lineage))
         finally:
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
-        if "error" in result:
-            raise HTTPException(400, result["error"])
         self.metrics.record("edit" if len(lineage) > 1 else "generate", result["stats"])
         return result
 
     @staticmethod
-    def _view(request: Request, session_id: str, version_id: str, record: VersionRecord) -> dict:
+    def _view(request: Request, row: VersionRow) -> dict:
         """A version as the API shows it; its URLs are paths on this host, under the app's route
         prefix (Serve passes it as the ASGI root path)."""
         prefix = request.scope.get("root_path", "").rstrip("/")
-        base = f"{prefix}/v1/sessions/{session_id}/versions/{version_id}"
+        base = f"{prefix}/v1/sessions/{row.session_id}/versions/{row.id}"
         return {
-            "version_id": version_id,
-            "parent": record.parent,
-            "prompt": record.prompt,
+            "version_id": row.id,
+            "parent": row.parent_id,
+            "prompt": row.prompt,
             "image_url": f"{base}/image",
-            "mask_url": f"{base}/mask" if record.mask_png is not None else None,
-            "stats": record.stats,
+            "mask_url": f"{base}/mask" if row.mask_sha256 is not None else None,
+            "stats": row.stats,
         }
 
     # ---- API ----------------------------------------------------------------------------------
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "sessions": len(self.sessions)}
+        sessions = await self._db(self.store.count_sessions)
+        self.metrics.sessions.set(sessions)
+        return {"status": "ok", "sessions": sessions}
 
     @api.post("/v1/sessions", status_code=201)
-    async def create_session(self, body: CreateSession, request: Request) -> dict:
-        session_id, version_id = _new_id(), _new_id()
-        root = {"id": version_id, **body.model_dump()}
-        result = await self._run(session_id, [root])
-        session = SessionRecord(token=secrets.token_urlsafe(24))
-        record = VersionRecord([root], None, body.prompt, result["image_png"], None, result["stats"])
-        session.versions[version_id] = record
-        self.sessions[session_id] = session
-        self.metrics.sessions.set(len(self.sessions))
-        view = self._view(request, session_id, version_id, record)
-        return {"session_id": session_id, "token": session.token, **view}
+    async def create_session(self, request: Request) -> dict:
+        body = await parse_body(request, CreateSession, self.max_body_bytes)
+        session_id, version_id, token = _new_id(), _new_id(), secrets.token_urlsafe(24)
+        settings = body.model_dump(exclude={"prompt"})
+        result = await self._run(session_id, [{"id": version_id, "prompt": body.prompt, **settings}], None)
+        image = await self._db(self.blobs.put, result["image_png"])
+        row = VersionRow(version_id, session_id, None, body.prompt, settings, image, None, result["stats"])
+        await self._db(self.store.create_session, session_id, token, row)
+        return {"session_id": session_id, "token": token, **self._view(request, row)}
 
     @api.post("/v1/sessions/{session_id}/versions/{version_id}/edits", status_code=201)
     async def create_edit(
-        self,
-        session_id: str,
-        version_id: str,
-        body: CreateEdit,
-        request: Request,
-        authorization: str | None = Header(None),
+        self, session_id: str, version_id: str, request: Request, authorization: str | None = Header(None)
     ) -> dict:
-        session = self._session(session_id, authorization)
-        parent = self._version(session, session_id, version_id)
+        await self._authorize(session_id, authorization)
+        if self._editing[session_id] >= self.session_max_edits:
+            raise HTTPException(
+                429,
+                f"session {session_id!r} has {self.session_max_edits} edits running; wait for one",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
+        self._editing[session_id] += 1
+        try:
+            return await self._edit(session_id, version_id, request)
+        finally:
+            self._editing[session_id] -= 1
+            if not self._editing[session_id]:
+                del self._editing[session_id]
+
+    async def _edit(self, session_id: str, version_id: str, request: Request) -> dict:
+        body = await parse_body(request, CreateEdit, self.max_body_bytes)
+        await self._version(session_id, version_id)
+        lineage = await self._db(self._lineage, session_id, version_id)
         new_id = _new_id()
         step = {"id": new_id, "prompt": body.prompt, "mask_png": body.mask_bytes(), "mode": body.mode}
-        lineage = [*parent.lineage, step]
+        settings = {"mode": body.mode}
         if step["mask_png"] is None and body.mode != "dense":  # frozen: a rebuild reproduces the edit
-            step["mask_png"], step["capture"] = await self._find_mask(lineage)
-        result = await self._run(session_id, lineage)
-        if session_id not in self.sessions:  # deleted while the edit ran
-            raise HTTPException(404, f"session {session_id!r} was deleted")
-        step["mask_png"] = result["mask_png"]  # a dense edit's: the whole image
-        record = VersionRecord(
-            lineage, version_id, body.prompt, result["image_png"], result["mask_png"], result["stats"]
-        )
-        session.versions[new_id] = record
-        return self._view(request, session_id, new_id, record)
+            found = await self._call(self.masker.find.remote([*lineage, step]))
+            step["mask_png"], settings["capture"] = found["mask_png"], found["stats"]
+            step["capture"] = found["stats"]
+        home = await self._db(self.store.home, session_id)
+        result = await self._run(session_id, [*lineage, step], home)
+        image = await self._db(self.blobs.put, result["image_png"])
+        mask = await self._db(self.blobs.put, result["mask_png"])  # a dense edit's: the whole image
+        row = VersionRow(new_id, session_id, version_id, body.prompt, settings, image, mask, result["stats"])
+        if not await self._db(self.store.add_version, row):
+            raise HTTPException(404, f"session {session_id!r} was deleted while the edit ran")
+        return self._view(request, row)
 
     @api.get("/v1/sessions/{session_id}")
     async def version_tree(
         self, session_id: str, request: Request, authorization: str | None = Header(None)
     ) -> dict:
-        session = self._session(session_id, authorization)
-        return {
-            "session_id": session_id,
-            "versions": [self._view(request, session_id, vid, rec) for vid, rec in session.versions.items()],
-        }
+        await self._authorize(session_id, authorization)
+        rows = await self._db(self.store.versions, session_id)
+        return {"session_id": session_id, "versions": [self._view(request, row) for row in rows]}
 
     @api.get("/v1/sessions/{session_id}/versions/{version_id}/image")
     async def image(self, session_id: str, version_id: str, authorization: str | None = Header(None)):
-        version = self._version(self._session(session_id, authorization), session_id, version_id)
-        return Response(version.image_png, media_type="image/png")
+        await self._authorize(session_id, authorization)
+        version = await self._version(session_id, version_id)
+        return Response(await self._db(self.blobs.get, version.image_sha256), media_type="image/png")
 
     @api.get("/v1/sessions/{session_id}/versions/{version_id}/mask")
     async def mask(self, session_id: str, version_id: str, authorization: str | None = Header(None)):
-        version = self._version(self._session(session_id, authorization), session_id, version_id)
-        if version.mask_png is None:
+        await self._authorize(session_id, authorization)
+        version = await self._version(session_id, version_id)
+        if version.mask_sha256 is None:
             raise HTTPException(404, f"version {version_id!r} is a generation: it has no mask")
-        return Response(version.mask_png, media_type="image/png")
+        return Response(await self._db(self.blobs.get, version.mask_sha256), media_type="image/png")
 
     @api.delete("/v1/sessions/{session_id}")
     async def delete_session(self, session_id: str, authorization: str | None = Header(None)) -> dict:
-        self._session(session_id, authorization)
-        del self.sessions[session_id]
-        self.metrics.sessions.set(len(self.sessions))
-        freed = await self.editor.options(session_id=session_id).drop.remote(session_id)
-        return {"deleted": session_id, "versions_freed_on_replica": freed}
+        await self._authorize(session_id, authorization)
+        home = await self._db(self.store.home, session_id)
+        deleted = await self._db(self.store.delete_session, session_id)
+        try:
+            editor = self.editor.options(session_id=routing_key(session_id, home))
+            freed = await editor.drop.remote(session_id)
+        except (RayActorError, DeploymentUnavailableError):
+            freed = 0  # its replica is gone, and its hot versions with it
+        return {"deleted": session_id, "versions": deleted, "versions_freed_on_replica": freed}

@@ -6,9 +6,11 @@ replicas leaves them unbalanced: 8 sessions on 2 replicas split 6:2 or worse one
 then one replica serves three quarters of the edits while the other idles. `SessionRouter` keeps
 that router's retries and back-pressure and changes only the choice of replica: a session's home
 while the home lives, else the least loaded replica (ties broken by the hash ring). The placement
-lives in the router, that is in the ingress process, which also holds the sessions. The app runs it
-without fallback replicas (`num_fallback_replicas=0`): a session's call waits for its busy home
-instead of going where the session's caches are not.
+lives in the router, that is in each ingress process; the ingress tells it which replica served the
+session last (the session's `home` in the database, as `routing_key(session, home)`), so that every
+ingress replica sends a session to the same editor, and a session whose home died stays where it
+moved. The app runs it without fallback replicas (`num_fallback_replicas=0`): a session's call waits
+for its busy home instead of going where the session's caches are not.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
 
 IDLE_S = 300.0  # a session unseen for this long no longer counts as load
 MAX_SESSIONS = 100_000  # homes remembered (least recently seen forgotten first)
+HOME_SEPARATOR = "@"
+
+
+def routing_key(session_id: str, home: str | None) -> str:
+    """The handle's `session_id` option: the session, and the replica that served it last if known."""
+    return f"{session_id}{HOME_SEPARATOR}{home}" if home else session_id
 
 
 class SessionPlacement:
@@ -35,12 +43,15 @@ class SessionPlacement:
         self.idle_s, self.max_sessions, self.clock = idle_s, max_sessions, clock
         self._homes: OrderedDict[str, tuple[Hashable, float]] = OrderedDict()  # by last seen
 
-    def home(self, session_id: str, ring: Sequence[Hashable]) -> Hashable:
-        """The replica for `session_id`; `ring` lists the live replicas, the hash ring's choice first."""
+    def home(self, session_id: str, ring: Sequence[Hashable], last: str | None = None) -> Hashable:
+        """The replica for `session_id`; `ring` lists the live replicas, the hash ring's choice first;
+        `last` names the replica that served the session last (through any ingress), if known."""
         if not ring:
             raise ValueError("no replicas to place a session on")
         now = self.clock()
         home = self._homes.pop(session_id, (None, 0.0))[0]
+        # the replica that served it last, where alive, holds its caches
+        home = next((r for r in ring if getattr(r, "unique_id", r) == last), home)
         if home not in ring:
             load = self.live_sessions()
             home = min(ring, key=lambda r: (load.get(r, 0), ring.index(r)))
@@ -84,7 +95,8 @@ class SessionRouter(ConsistentHashRouter):
     async def choose_replicas(self, candidate_replicas, pending_request=None) -> list:
         ranks = await super().choose_replicas(candidate_replicas, pending_request)
         if pending_request is not None and pending_request.metadata.call_method == "drop":
-            self._placement.retire(pending_request.metadata.session_id)  # `Editor.drop`: deleted
+            session_id = pending_request.metadata.session_id.partition(HOME_SEPARATOR)[0]
+            self._placement.retire(session_id)  # `Editor.drop`: deleted
         return ranks
 
     def update_replicas(self, replicas) -> None:
@@ -92,9 +104,10 @@ class SessionRouter(ConsistentHashRouter):
         self._placement.forget_replicas_except(set(self._replica_set_snapshot))
 
     def _lookup_ranked_replicas(self, routing_key: str) -> list:
-        ring = super()._lookup_ranked_replicas(routing_key)
+        session_id, _, last = routing_key.partition(HOME_SEPARATOR)
+        ring = super()._lookup_ranked_replicas(session_id)
         if not ring:
             return ring
         ring += sorted(self._replica_set_snapshot - set(ring), key=lambda r: r.unique_id)
-        home = self._placement.home(routing_key, ring)
+        home = self._placement.home(session_id, ring, last or None)
         return [home, *(r for r in ring if r != home)][: 1 + self._num_fallback_replicas]

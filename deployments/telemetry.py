@@ -4,6 +4,8 @@ queue-length metrics, for Prometheus to scrape."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ray.serve import metrics
 
 SECONDS = [0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100]
@@ -27,7 +29,7 @@ class ServiceMetrics:
             "Parents found hot on the replica (hit), fetched from the object store, or rebuilt",
             ("result",),
         )
-        self.sessions = metrics.Gauge("fisedit_sessions", "Open sessions on this ingress replica")
+        self.sessions = metrics.Gauge("fisedit_sessions", "Sessions in the database")
         self.batch_size = metrics.Histogram(
             "fisedit_batch_size", "Sparse edits run in one batched pass", [1, 2, 3, 4, 6, 8, 12, 16]
         )
@@ -50,3 +52,10 @@ class ServiceMetrics:
             self.cache_lookups.inc(tags={"result": result})
             if stats["mode"] == "sparse":
                 self.batch_size.observe(stats.get("batch_size", 1))
+
+
+def count_evictions(where: str) -> Callable[[str, int], None]:
+    """`BoundedLRU`'s `on_evict` for the versions kept by an editor ("editor") or the cache owner
+    ("object_store"): counted by reason, "budget" or "idle"."""
+    counter = metrics.Counter("fisedit_cache_evictions", "Versions evicted from a cache", ("where", "reason"))
+    return lambda reason, count: counter.inc(count, tags={"where": where, "reason": reason})

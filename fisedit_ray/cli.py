@@ -234,13 +234,24 @@ def serve(
     editor_replicas: Annotated[int, typer.Option(min=1, help="Editor replicas (engines).")] = 1,
     editor_cpus: Annotated[float, typer.Option(help="CPUs reserved per editor replica.")] = 1.0,
     cache_dtype: Annotated[str | None, typer.Option(help="Cache storage format (model dtype).")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of the session database and blobs "
+            "[default: $FISEDIT_DATA, else ~/.local/share/fisedit-ray]."
+        ),
+    ] = None,
+    metrics_port: Annotated[int, typer.Option(help="Port where Prometheus scrapes the metrics.")] = 8080,
 ) -> None:
     """Start a local Ray and serve the editing API on it (see README, "The service")."""
     try:
+        from fisedit_ray.deployments.app import default_data_dir
         from fisedit_ray.deployments.launch import serve_locally
     except ImportError as e:
         raise _fail(f"the service needs the serve extra: pip install 'fisedit-ray[serve]' ({e})") from e
     serve_locally(
+        data=(data or default_data_dir()).expanduser().absolute(),
+        metrics_port=metrics_port,
         model=model,
         host=host,
         port=port,

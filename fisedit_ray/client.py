@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -53,10 +54,10 @@ class RemoteSession:
         one, inside the region the service finds; the new version."""
         url = f"/v1/sessions/{self.id}/versions/{version_id}/edits"
         body = {"prompt": prompt, "mask_png": None if mask is None else _mask_png(mask), "mode": mode}
-        return _check(self.client.http.post(url, json=body, headers=self._auth)).json()
+        return self.client.send("POST", url, json=body, headers=self._auth).json()
 
     def versions(self) -> list[dict]:
-        return _check(self.client.http.get(f"/v1/sessions/{self.id}", headers=self._auth)).json()["versions"]
+        return self.client.send("GET", f"/v1/sessions/{self.id}", headers=self._auth).json()["versions"]
 
     def image(self, version: dict) -> Image.Image:
         return self._png(version["image_url"])
@@ -67,27 +68,38 @@ class RemoteSession:
     def _png(self, path: str) -> Image.Image:
         """A PNG the API links to: its URLs are paths on the server's host, route prefix included."""
         url = self.client.http.base_url.join(path)
-        return Image.open(io.BytesIO(_check(self.client.http.get(url, headers=self._auth)).content))
+        return Image.open(io.BytesIO(self.client.send("GET", url, headers=self._auth).content))
 
     def delete(self) -> None:
-        _check(self.client.http.delete(f"/v1/sessions/{self.id}", headers=self._auth))
+        self.client.send("DELETE", f"/v1/sessions/{self.id}", headers=self._auth)
 
 
 class Client:
     """`Client("http://127.0.0.1:8000").create_session("a red circle at the top left")`."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 600.0):
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 600.0, retries: int = 5):
+        """`retries`: how often a call refused with 503 or 429 is tried again, after the wait its
+        Retry-After asks for (such a call stored nothing)."""
         self.http = httpx.Client(base_url=base_url, timeout=timeout)
+        self.retries = retries
+
+    def send(self, method: str, url, **kwargs) -> httpx.Response:
+        for _ in range(self.retries):
+            response = self.http.request(method, url, **kwargs)
+            if response.status_code not in (429, 503) or "retry-after" not in response.headers:
+                break
+            time.sleep(min(float(response.headers["retry-after"]), 60.0))
+        return _check(response)
 
     def create_session(
         self, prompt: str, *, seed: int = 0, steps: int = 20, guidance: float = 7.5, size: int | None = None
     ) -> RemoteSession:
         body = {"prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance, "size": size}
-        root = _check(self.http.post("/v1/sessions", json=body)).json()
+        root = self.send("POST", "/v1/sessions", json=body).json()
         return RemoteSession(self, root["session_id"], root["token"], root)
 
     def health(self) -> dict:
-        return _check(self.http.get("/healthz")).json()
+        return self.send("GET", "/healthz").json()
 
     def close(self) -> None:
         self.http.close()

@@ -3,7 +3,7 @@
 import pytest
 
 pytest.importorskip("ray")
-from fisedit_ray.deployments.routing import SessionPlacement  # noqa: E402
+from fisedit_ray.deployments.routing import SessionPlacement, routing_key  # noqa: E402
 
 
 class Clock:
@@ -70,3 +70,18 @@ def test_memory_is_bounded():
     assert sum(placement.live_sessions().values()) == 2
     with pytest.raises(ValueError, match="no replicas"):
         placement.home("s3", [])
+
+
+def test_the_replica_that_served_a_session_last_wins_while_it_lives():
+    """Another ingress replica moved the session (its `home` in the database says where): go there."""
+    placement = SessionPlacement(clock=Clock())
+    assert placement.home("s0", ["a", "b"]) == "a"
+    assert placement.home("s0", ["a", "b"], last="b") == "b"
+    assert placement.home("s0", ["a", "b"]) == "b"  # and it sticks
+    assert placement.home("s0", ["a", "c"], last="b") == "a"  # "b" died: placed again by load
+    assert placement.home("s1", ["a", "c"], last="gone") == "c"  # a new session: by load
+
+
+def test_routing_keys_carry_the_last_home():
+    assert routing_key("s0", None) == "s0"
+    assert routing_key("s0", "r1").partition("@") == ("s0", "@", "r1")

@@ -1,57 +1,36 @@
 """The editing service over HTTP on a local Ray (2 CPUs, two editor replicas, the tiny model)."""
 
 import base64
-import io
-import shutil
-import socket
-import tempfile
 import time
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
 from ray import serve  # noqa: E402
+from service_helpers import local_serve, mask_png, mask_png_bytes, png_array  # noqa: E402
 
 from fisedit_ray import EditEngine  # noqa: E402
 from fisedit_ray.deployments.app import build_app  # noqa: E402
 from fisedit_ray.masks import blob_mask, mask_image  # noqa: E402
 
 PROMPT, EDIT = "a red circle at the top left", "a blue square at the center"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+MASK = blob_mask((16, 16), 0.2, seed=1)
 
 
 @pytest.fixture(scope="module")
 def service():
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    metrics_port = free_port()
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=temp,
-        _metrics_export_port=metrics_port,
-        log_to_driver=False,
-    )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"model": "tiny", "editor_replicas": 2, "editor_cpus": 0.5})
-    serve.run(app, name="fisedit", route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-        client.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        yield client
-    serve.shutdown()
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
+    with local_serve() as (base_url, metrics_url, _):
+        app = build_app({"model": "tiny", "editor_replicas": 2, "editor_cpus": 0.5})
+        serve.run(app, name="fisedit", route_prefix="/")
+        with httpx.Client(base_url=base_url, timeout=120) as client:
+            client.metrics_url = metrics_url
+            yield client
 
 
 @pytest.fixture(scope="module")
@@ -67,17 +46,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def mask_png(mask) -> str:
-    """A latent-resolution mask (16 x 16 for the tiny model) as base64 PNG."""
-    buffer = io.BytesIO()
-    mask_image(torch.as_tensor(mask), 1).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def png_array(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def create(client, prompt=PROMPT, seed=0, steps=3):
@@ -213,13 +181,92 @@ def test_bad_session_requests_get_a_4xx_that_says_why(service, body, words):
     assert 400 <= r.status_code < 500 and words in r.text, r.text
 
 
-def test_malformed_json_and_unknown_ids(service):
-    r = service.post("/v1/sessions", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422 and "json" in r.text.lower()
+def test_malformed_bodies_get_a_4xx_that_says_why_and_change_nothing(service):
+    before = service.get("/healthz").json()["sessions"]
+    as_json = {"content-type": "application/json"}
+    cases = [
+        (b"{not json", as_json, 400, "not valid JSON"),
+        ('{"prompt": "caf\u00e9"}'.encode("latin-1"), as_json, 400, "not valid UTF-8"),
+        (b"[1, 2]", as_json, 422, "must be a JSON object"),
+        (b"prompt=a red circle", {"content-type": "text/plain"}, 415, "unsupported content type"),
+    ]
+    for content, headers, status, words in cases:
+        r = service.post("/v1/sessions", content=content, headers=headers)
+        assert r.status_code == status and words in r.json()["detail"], r.text
+    assert service.get("/healthz").json()["sessions"] == before
+
+
+def test_unknown_ids(service):
     body, auth = create(service)
     assert service.get("/v1/sessions/nope", headers=auth).status_code == 404
     r = edit(service, body["session_id"], auth, "nope")
     assert r.status_code == 404 and "no version" in r.text
+
+
+def test_multipart_forms_as_curl_sends_them(service):
+    """`curl -F prompt=... -F mask=@mask.png`: the same versions as the JSON API makes."""
+    r = service.post("/v1/sessions", data={"prompt": PROMPT, "seed": "0", "steps": "3"})
+    assert r.status_code == 201, r.text
+    form, auth = r.json(), {"Authorization": f"Bearer {r.json()['token']}"}
+    body, json_auth = create(service)
+    root = service.get(form["image_url"], headers=auth).content
+    assert np.array_equal(
+        png_array(root), png_array(service.get(body["image_url"], headers=json_auth).content)
+    )
+    mask = blob_mask((16, 16), 0.2, seed=1)
+    url = f"/v1/sessions/{form['session_id']}/versions/{form['version_id']}/edits"
+    upload = {"mask": ("mask.png", mask_png_bytes(mask), "image/png")}
+    r = service.post(url, data={"prompt": EDIT}, files=upload, headers=auth)
+    assert r.status_code == 201, r.text
+    by_json = edit(service, body["session_id"], json_auth, body["version_id"], mask=mask).json()
+    got = png_array(service.get(r.json()["image_url"], headers=auth).content)
+    assert np.array_equal(got, png_array(service.get(by_json["image_url"], headers=json_auth).content))
+    bad = [
+        ({"image": ("x.png", mask_png_bytes(mask), "image/png")}, "only 'mask' is a file"),
+        ({"mask": ("x.gif", b"GIF89a....", "image/gif")}, "not a PNG"),
+    ]
+    for files, words in bad:
+        r = service.post(url, data={"prompt": EDIT}, files=files, headers=auth)
+        assert r.status_code == 422 and words in r.text, r.text
+    assert len(service.get(f"/v1/sessions/{form['session_id']}", headers=auth).json()["versions"]) == 2
+
+
+def test_a_png_that_declares_huge_dimensions_is_refused_before_decoding(service):
+    body, auth = create(service)
+    ihdr = b"IHDR" + (100_000).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+    bomb = (
+        b"\x89PNG\r\n\x1a\n" + len(ihdr[4:]).to_bytes(4, "big") + ihdr + zlib.crc32(ihdr).to_bytes(4, "big")
+    )
+    url = f"/v1/sessions/{body['session_id']}/versions/{body['version_id']}/edits"
+    r = service.post(url, json={"prompt": EDIT, "mask_png": base64.b64encode(bomb).decode()}, headers=auth)
+    assert r.status_code == 422 and "declares 100000 x 100000 pixels" in r.text, r.text
+
+
+def test_bodies_over_the_limit_get_413_and_a_busy_session_429(service):
+    limited = {"model": "tiny", "editor_cpus": 0.25, "max_body_bytes": 4096, "session_max_edits": 2}
+    serve.run(build_app(limited), name="limited", route_prefix="/limited")
+    try:
+        r = service.post("/limited/v1/sessions", json={"prompt": PROMPT, "padding": "x" * 5000})
+        assert r.status_code == 413 and "the limit is 4096 bytes" in r.text, r.text
+        r = service.post("/limited/v1/sessions", json={"prompt": PROMPT, "steps": 20})
+        body, auth = r.json(), {"Authorization": f"Bearer {r.json()['token']}"}
+        url = f"/limited/v1/sessions/{body['session_id']}/versions/{body['version_id']}/edits"
+        mask = mask_png(blob_mask((16, 16), 0.3, seed=1))
+
+        def post(k):
+            return service.post(url, json={"prompt": f"a square {k}", "mask_png": mask}, headers=auth)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, range(8)))
+        codes = Counter(r.status_code for r in answers)
+        assert set(codes) == {201, 429} and codes[201] >= 2, codes
+        assert all(
+            "2 edits running" in r.text and r.headers["retry-after"] for r in answers if r.status_code == 429
+        )
+        tree = service.get(f"/limited/v1/sessions/{body['session_id']}", headers=auth).json()
+        assert len(tree["versions"]) == 1 + codes[201]
+    finally:
+        serve.delete("limited")
 
 
 def test_bad_edits_get_a_4xx_and_leave_the_session_intact(service):
@@ -307,6 +354,12 @@ def test_a_full_queue_answers_503_with_retry_after(service):
         codes = sorted(r.status_code for r in answers)
         assert 201 in codes and 503 in codes, codes
         assert all(r.headers.get("retry-after") == "2" for r in answers if r.status_code == 503)
+        from fisedit_ray.client import Client
+
+        client = Client(f"{str(service.base_url).rstrip('/')}/tight", retries=30)  # waits as told
+        with ThreadPoolExecutor(8) as pool:
+            sessions = list(pool.map(lambda _: client.create_session(PROMPT, steps=10), range(8)))
+        assert len({s.id for s in sessions}) == 8
     finally:
         serve.delete("tight")
 
@@ -336,19 +389,27 @@ def test_concurrent_edits_on_one_replica_are_batched_and_equal_alone(service, en
         assert np.abs(got - np.asarray(alone.image)).max() <= 1  # batched GEMMs round differently
 
 
+def deploy_with_session(service, name: str, args: dict, seed: int):
+    """Deploy the app `name` with `args` beside the main one and generate in it: the generation, its
+    auth header, and a function that edits the generation inside a fixed mask."""
+    serve.run(build_app({"model": "tiny", "editor_cpus": 0.25, **args}), name=name, route_prefix=f"/{name}")
+    r = service.post(f"/{name}/v1/sessions", json={"prompt": PROMPT, "seed": seed, "steps": 3})
+    body, auth = r.json(), {"Authorization": f"Bearer {r.json()['token']}"}
+
+    def edit_root(prompt: str, version: str = body["version_id"]) -> dict:
+        url = f"/{name}/v1/sessions/{body['session_id']}/versions/{version}/edits"
+        return service.post(url, json={"prompt": prompt, "mask_png": mask_png(MASK)}, headers=auth).json()
+
+    return body, auth, edit_root
+
+
 def test_an_editor_over_its_byte_budget_fetches_what_it_evicted(service, engine, one_thread):
-    small = {"model": "tiny", "editor_cpus": 0.25, "editor_hot_gib": 1e-6}  # only the newest stays
-    serve.run(build_app(small), name="small", route_prefix="/small")
-    try:
-        r = service.post("/small/v1/sessions", json={"prompt": PROMPT, "seed": 5, "steps": 3})
-        body, auth = r.json(), {"Authorization": f"Bearer {r.json()['token']}"}
-        url = f"/small/v1/sessions/{body['session_id']}/versions/{body['version_id']}/edits"
-        mask = blob_mask((16, 16), 0.2, seed=1)
-        first = service.post(url, json={"prompt": EDIT, "mask_png": mask_png(mask)}, headers=auth).json()
-        assert first["stats"]["fetched"] == []  # its parent was hot
-        second = service.post(url, json={"prompt": "a cat", "mask_png": mask_png(mask)}, headers=auth).json()
+    try:  # only the newest version stays hot
+        body, auth, edit_root = deploy_with_session(service, "small", {"editor_hot_gib": 1e-6}, seed=5)
+        assert edit_root(EDIT)["stats"]["fetched"] == []  # its parent was hot
+        second = edit_root("a cat")
         assert second["stats"]["fetched"] == [body["version_id"]]  # evicted by the first edit
-        expected = engine.edit(engine.generate(PROMPT, seed=5, num_inference_steps=3), "a cat", mask=mask)
+        expected = engine.edit(engine.generate(PROMPT, seed=5, num_inference_steps=3), "a cat", mask=MASK)
         assert second["image_url"].startswith("/small/v1/")  # links carry the app's route prefix
         got = png_array(service.get(second["image_url"], headers=auth).content)
         assert np.array_equal(got, np.asarray(expected.image))
@@ -359,6 +420,35 @@ def test_an_editor_over_its_byte_budget_fetches_what_it_evicted(service, engine,
         assert np.array_equal(np.asarray(remote.image(remote.root)), png_array(root))
     finally:
         serve.delete("small")
+
+
+def test_caches_keep_to_their_budgets_and_expiry_and_rebuild_what_they_lost(service, engine, one_thread):
+    """Budgets that hold only the newest version, on the editor and in the object store, and a one
+    second idle expiry: what they evicted is rebuilt from the lineage, the same image as before."""
+    args = {"editor_hot_gib": 1e-6, "cache_store_gib": 1e-6, "cache_idle_s": 1, "health_check_period_s": 1}
+    try:
+        body, auth, edit_root = deploy_with_session(service, "bounded", args, seed=6)
+        assert edit_root(EDIT)["stats"]["rebuilt"] == []  # its parent was hot
+        second = edit_root("a cat")
+        assert second["stats"]["rebuilt"] == [body["version_id"]]  # evicted everywhere by the first edit
+        parent = engine.generate(PROMPT, seed=6, num_inference_steps=3)
+        got = png_array(service.get(second["image_url"], headers=auth).content)
+        assert np.array_equal(got, np.asarray(engine.edit(parent, "a cat", mask=MASK).image))
+        time.sleep(3)  # idle: the newest version, which the budgets keep, expires too
+        third = edit_root(EDIT, version=second["version_id"])
+        assert third["stats"]["rebuilt"] == [body["version_id"], second["version_id"]]
+        wanted = [f'where="{w}"' for w in ("editor", "object_store")] + ['reason="budget"', 'reason="idle"']
+        deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
+        while time.monotonic() < deadline:
+            text = "\n".join(
+                line for line in httpx.get(service.metrics_url).text.splitlines() if "evictions" in line
+            )
+            if all(w in text for w in wanted):
+                break
+            time.sleep(1)
+        assert "ray_fisedit_cache_evictions_total" in text and all(w in text for w in wanted), text
+    finally:
+        serve.delete("bounded")
 
 
 def test_an_editor_computes_off_its_event_loop():
