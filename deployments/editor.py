@@ -152,7 +152,7 @@ class Editor:
         owner and the reply."""
         image_pngs = []
         for session_id, record, version in done:
-            _add_capture(version.stats, record.get("capture"))
+            add_capture(version.stats, record.get("capture"))
             self._keep(session_id, version)
             image_pngs.append(png(version.image))
         if self.owner is not None:
@@ -267,7 +267,7 @@ class Editor:
         self.hot.put((session_id, version.id), version, version.stats["cache_bytes"]["total"])
 
 
-def _add_capture(stats: dict, capture: dict | None) -> None:
+def add_capture(stats: dict, capture: dict | None) -> None:
     """Count the mask generator's work (`capture`: its stats of the edit's mask) in the edit's stats,
     as the engine counts a mask it finds itself."""
     if capture is None:

@@ -261,5 +261,59 @@ def serve(
     )
 
 
+@app.command()
+def batch(
+    input_path: Annotated[
+        Path, typer.Argument(help="Parquet file or folder: one row per image and its edits.")
+    ],
+    output: Annotated[Path, typer.Argument(help="Output folder: versions/ and errors/ Parquet parts.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    address: Annotated[
+        str | None,
+        typer.Option(help="A Ray cluster to run on (ray.init(address=...)); default: a local Ray."),
+    ] = None,
+    generators: Annotated[int, typer.Option(min=1, help="Generation actors.")] = 1,
+    editors: Annotated[int, typer.Option(min=1, help="Editing actors.")] = 1,
+    cpus_per_actor: Annotated[float, typer.Option(help="CPUs per actor (torch threads).")] = 1.0,
+    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor.")] = 0.0,
+    dense: Annotated[bool, typer.Option(help="Regenerate every edit densely (the baseline).")] = False,
+    cache_dtype: Annotated[str | None, typer.Option(help="Cache storage format (model dtype).")] = None,
+) -> None:
+    """Edit at volume on Ray Data; a rerun on the same output resumes (see README, "Batch editing")."""
+    try:
+        import ray
+        from rich.progress import Progress
+
+        from fisedit_ray.deployments.batch import run_batch
+    except ImportError as e:
+        raise _fail(f"batch jobs need the serve extra: pip install 'fisedit-ray[serve]' ({e})") from e
+    if not input_path.exists():
+        raise _fail(f"no input at {input_path}")
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        with Progress() as bar:
+            task = bar.add_task("images", total=None)
+            summary = run_batch(
+                str(input_path),
+                output,
+                model=model,
+                mode="dense" if dense else None,
+                generators=generators,
+                editors=editors,
+                cpus_per_actor=cpus_per_actor,
+                gpus_per_actor=gpus_per_actor,
+                cache_dtype=cache_dtype,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    except ValueError as e:
+        raise _fail(str(e)) from e
+    finally:
+        ray.shutdown()
+    typer.echo(
+        f"{summary.images} images written ({summary.versions} versions, {summary.errors} refused), "
+        f"{summary.skipped} already there, in {summary.seconds:.1f} s -> {output}"
+    )
+
+
 if __name__ == "__main__":
     app()

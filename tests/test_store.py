@@ -2,6 +2,7 @@
 store. The PostgreSQL server is started here, in a temporary folder, from the distribution's
 binaries (`.ci/run` installs them); without them these cases are skipped, except in CI."""
 
+import asyncio
 import glob
 import os
 import shutil
@@ -24,39 +25,60 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class PostgresServer:
+    """A throwaway PostgreSQL server in a temporary folder, on a free loopback port."""
+
+    def __init__(self, bin_dir: str):
+        self.bin_dir, self.folder, self.port = bin_dir, tempfile.mkdtemp(prefix="fisedit-pg-"), _free_port()
+        self.as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # it refuses root
+        if self.as_postgres:
+            shutil.chown(self.folder, "postgres")
+        self._run("initdb", "-D", f"{self.folder}/data", "-A", "trust", "-U", "fisedit")
+        self.url = f"postgresql+psycopg://fisedit@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, program: str, *args: str) -> None:
+        subprocess.run(
+            [*self.as_postgres, f"{self.bin_dir}/{program}", *args], check=True, capture_output=True
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(
+            "pg_ctl", "-D", f"{self.folder}/data", "-o", options, "-l", f"{self.folder}/log", "-w", "start"
+        )
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", f"{self.folder}/data", "-m", "immediate", "stop")
+
+
 @pytest.fixture(scope="module")
-def postgres_url():
+def postgres():
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not found:
         if os.environ.get("CI"):
             pytest.fail("CI must test the store on PostgreSQL: apt-get install postgresql")
         pytest.skip("no PostgreSQL server binaries (apt-get install postgresql)")
-    bin_dir = os.path.dirname(found[-1])
-    folder = tempfile.mkdtemp(prefix="fisedit-pg-")
-    port = _free_port()
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # it refuses root
-    if as_postgres:
-        shutil.chown(folder, "postgres")
-    run = lambda *cmd: subprocess.run([*as_postgres, *cmd], check=True, capture_output=True)  # noqa: E731
-    run(f"{bin_dir}/initdb", "-D", f"{folder}/data", "-A", "trust", "-U", "fisedit")
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
-    run(f"{bin_dir}/pg_ctl", "-D", f"{folder}/data", "-o", options, "-l", f"{folder}/log", "-w", "start")
-    yield f"postgresql+psycopg://fisedit@127.0.0.1:{port}/postgres"
-    run(f"{bin_dir}/pg_ctl", "-D", f"{folder}/data", "-m", "immediate", "stop")
-    shutil.rmtree(folder, ignore_errors=True)
+    server = PostgresServer(os.path.dirname(found[-1]))
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.folder, ignore_errors=True)
+
+
+def fresh_database(server_url: str) -> str:
+    name = f"t{time.time_ns()}"
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/data/fisedit.db"
-    base = request.getfixturevalue("postgres_url")
-    name = f"t{time.time_ns()}"  # a fresh database per test
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sa.text(f"CREATE DATABASE {name}"))
-    admin.dispose()
-    return base.rsplit("/", 1)[0] + f"/{name}"
+    return fresh_database(request.getfixturevalue("postgres").url)
 
 
 def generation(session_id="s1", version_id="v0", replica="r1") -> VersionRow:
@@ -148,6 +170,33 @@ def test_replicas_writing_at_once_lose_nothing(url):
     for t in threads:
         t.join()
     assert len(stores[0].versions("s1")) == 41
+
+
+def test_a_database_that_goes_away_fails_calls_until_it_is_back(postgres):
+    store = SessionStore(fresh_database(postgres.url))
+    store.create_session("s1", "t", generation())
+    postgres.stop()
+    try:
+        with pytest.raises(sa.exc.OperationalError):
+            store.authorized("s1", "t")
+    finally:
+        postgres.start()
+    assert store.authorized("s1", "t")  # the pool reconnects: no restart of the service
+
+
+def test_the_ingress_answers_503_with_retry_after_while_the_database_is_away():
+    pytest.importorskip("ray")
+    from fastapi import HTTPException
+
+    from fisedit_ray.deployments.ingress import Ingress
+
+    def unreachable():
+        raise sa.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+    with pytest.raises(HTTPException) as refused:  # the method as Serve runs it (it reads no state)
+        asyncio.run(Ingress.func_or_class._db(None, unreachable))
+    assert refused.value.status_code == 503 and refused.value.headers == {"Retry-After": "2"}
+    assert "session database is unavailable (connection refused)" in refused.value.detail
 
 
 def test_blobs_are_addressed_by_content(tmp_path):
