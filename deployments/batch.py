@@ -12,7 +12,6 @@ On a cluster the same code runs after `ray.init(address=...)`, each pool where i
 
 from __future__ import annotations
 
-import io
 import pickle
 import time
 import uuid
@@ -25,11 +24,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import torch
-from PIL import Image
 
 from fisedit_ray import EditEngine
 from fisedit_ray.deployments.cache_owner import png, version_from_payload, version_payload
-from fisedit_ray.deployments.editor import SPARSITY_BUCKET, add_capture
+from fisedit_ray.deployments.editor import add_capture, batch_key, read_mask_png
 from fisedit_ray.engine import Version
 from fisedit_ray.masks import mask_image, to_latent_mask
 
@@ -177,10 +175,7 @@ class Edit:
                 if request["mode"] == "dense":
                     dense.append((row, k, request))
                 else:
-                    bucket = min(int(float(request["mask"].float().mean()) / SPARSITY_BUCKET), 3)
-                    settings = parent.settings
-                    key = (settings.num_inference_steps, settings.guidance_scale > 1.0, bucket)
-                    groups[key].append((row, k, request))
+                    groups[batch_key(parent, request["mask"])].append((row, k, request))
         for members in groups.values():
             edited = self.engine.edit_batch([(r["parent"], r["prompt"], r["mask"]) for _, _, r in members])
             for (row, k, request), version in zip(members, edited, strict=True):
@@ -199,13 +194,8 @@ class Edit:
             raise ValueError(f"an edit's mode is sparse or dense, not {mode!r}")
         self.engine.check_prompt(prompt)
         size = self.engine.latent_size(parent.settings)
-        found = None
-        if edit.get("mask_png"):
-            try:
-                image = Image.open(io.BytesIO(edit["mask_png"]))
-                image.load()
-            except OSError as e:
-                raise ValueError(f"mask_png cannot be read as an image: {e}") from e
+        found, image = None, read_mask_png(edit.get("mask_png"))
+        if image is not None:
             mask = to_latent_mask(image, size, self.engine.vae_scale)
         elif mode == "sparse":  # Target Area Capture, before grouping: the group is by its sparsity
             start = time.perf_counter()
@@ -257,10 +247,11 @@ class _PartWriter:
         if errors:
             _write_part(self.errors / name, errors, ERRORS_SCHEMA)
         _write_part(self.versions / name, versions, OUTPUT_SCHEMA)
-        self.images += len({r["image_id"] for r in finished})
+        images = len({r["image_id"] for r in finished})
+        self.images += images
         self.version_rows += len(versions)
         self.error_rows += len(errors)
-        return len({r["image_id"] for r in finished})
+        return images
 
 
 def _write_part(path: Path, rows: list[dict], schema: pa.Schema) -> None:
@@ -318,20 +309,21 @@ def run_batch(
     todo = table.filter(pc.invert(pc.is_in(table["image_id"], value_set=pa.array(sorted(done), pa.string()))))
     threads = max(1, int(cpus_per_actor))
     actor = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor, "batch_format": "pyarrow"}
+    engine_args = {"model": model, "threads": threads, "cache_dtype": cache_dtype, "mode": mode}
     # from the driver, in small blocks: no read tasks competing with the actors for CPUs
     ds = ray.data.from_arrow(
         [todo.slice(i, BLOCK_ROWS) for i in range(0, todo.num_rows, BLOCK_ROWS)] or [todo]
     )
     ds = ds.map_batches(
         Generate,
-        fn_constructor_kwargs={"model": model, "threads": threads, "cache_dtype": cache_dtype, "mode": mode},
+        fn_constructor_kwargs=engine_args,
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=generators),
         **actor,
     )
     ds = ds.map_batches(
         Edit,
-        fn_constructor_kwargs={"model": model, "threads": threads, "cache_dtype": cache_dtype, "mode": mode},
+        fn_constructor_kwargs=engine_args,
         batch_size=images_per_edit_call,
         compute=ray.data.ActorPoolStrategy(size=editors),
         **actor,

@@ -131,10 +131,7 @@ class Editor:
     ) -> list[tuple[Version, bytes]]:
         groups = defaultdict(list)
         for i, (parent, mask) in enumerate(zip(parents, masks, strict=True)):
-            ratio = float(mask.float().mean())
-            bucket = min(int(ratio / SPARSITY_BUCKET), 3)  # similar work: 0-10%, 10-20%, 20-30%, more
-            key = (parent.settings.num_inference_steps, parent.settings.guidance_scale > 1.0, bucket)
-            groups[key].append(i)
+            groups[batch_key(parent, mask)].append(i)
         versions: list = [None] * len(parents)
         for members in groups.values():
             requests = [(parents[i], records[i]["prompt"], masks[i]) for i in members]
@@ -254,17 +251,29 @@ class Editor:
     @staticmethod
     def _mask_image(record: dict) -> Image.Image | None:
         """The edit's mask, or None: Target Area Capture finds it."""
-        if not record["mask_png"]:
-            return None
-        try:
-            mask = Image.open(io.BytesIO(record["mask_png"]))
-            mask.load()
-        except OSError as e:
-            raise ValueError(f"mask_png cannot be read as an image: {e}") from e
-        return mask
+        return read_mask_png(record["mask_png"])
 
     def _keep(self, session_id: str, version: Version) -> None:
         self.hot.put((session_id, version.id), version, version.stats["cache_bytes"]["total"])
+
+
+def batch_key(parent: Version, mask: torch.Tensor) -> tuple:
+    """Sparse edits with equal keys run as one batched pass: the same step count and guidance, and
+    similar work (mask ratio buckets 0-10%, 10-20%, 20-30%, more)."""
+    bucket = min(int(float(mask.float().mean()) / SPARSITY_BUCKET), 3)
+    return (parent.settings.num_inference_steps, parent.settings.guidance_scale > 1.0, bucket)
+
+
+def read_mask_png(data: bytes | None) -> Image.Image | None:
+    """A mask sent as PNG bytes, decoded; None for none. Unreadable bytes are a ValueError."""
+    if not data:
+        return None
+    try:
+        mask = Image.open(io.BytesIO(data))
+        mask.load()
+    except OSError as e:
+        raise ValueError(f"mask_png cannot be read as an image: {e}") from e
+    return mask
 
 
 def add_capture(stats: dict, capture: dict | None) -> None:

@@ -41,6 +41,10 @@ def _new_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+def _no_version(session_id: str, version_id: str) -> HTTPException:
+    return HTTPException(404, f"session {session_id!r} has no version {version_id!r}")
+
+
 def _unavailable(what: str) -> HTTPException:
     return HTTPException(503, f"{what}; nothing was stored, try again", {"Retry-After": str(RETRY_AFTER_S)})
 
@@ -90,7 +94,7 @@ class Ingress:
     async def _version(self, session_id: str, version_id: str) -> VersionRow:
         version = await self._db(self.store.version, session_id, version_id)
         if version is None:
-            raise HTTPException(404, f"session {session_id!r} has no version {version_id!r}")
+            raise _no_version(session_id, version_id)
         return version
 
     def _lineage(self, session_id: str, version_id: str) -> list[dict]:
@@ -178,8 +182,9 @@ class Ingress:
 
     async def _edit(self, session_id: str, version_id: str, request: Request) -> dict:
         body = await parse_body(request, CreateEdit, self.max_body_bytes)
-        await self._version(session_id, version_id)
         lineage = await self._db(self._lineage, session_id, version_id)
+        if not lineage:
+            raise _no_version(session_id, version_id)
         new_id = _new_id()
         step = {"id": new_id, "prompt": body.prompt, "mask_png": body.mask_bytes(), "mode": body.mode}
         settings = {"mode": body.mode}
