@@ -14,7 +14,7 @@ import inspect
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -47,6 +47,9 @@ from fisedit_ray.step_program import StepProgram
 
 Mode = Literal["sparse", "reference", "dense"]
 MODES = ("sparse", "reference", "dense")
+# called after each denoising step with (steps done, steps in all): progress bars, the service's
+# live progress; it runs on the engine's thread, so it must be quick
+Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,7 @@ class EditEngine:
         negative_prompt: str | None = None,
         output_type: str = "pil",
         record: bool = True,
+        progress: Progress | None = None,
     ) -> Version:
         """A new image; `record=False` keeps no activation cache (a plain generation, which can be
         edited only in "dense" mode)."""
@@ -276,7 +280,7 @@ class EditEngine:
             embeds = self._encode(prompt, settings)
         with phases("dense_steps"):
             cache = self._new_cache(settings)
-            macs = self._run_dense([_spec(embeds, None)], settings, cache, record)
+            macs = self._run_dense([_spec(embeds, None)], settings, cache, record, progress)
         with phases("decode"):
             image = self._decode(cache.latents[-1], output_type)
         stats = _stats("generate", macs, phases, cache)
@@ -294,6 +298,7 @@ class EditEngine:
         capture: CaptureConfig | None = None,
         output_type: str = "pil",
         record: bool = True,
+        progress: Progress | None = None,
     ) -> Version:
         """Edit `parent` with a new prompt inside `mask` (see `to_latent_mask` for what it accepts).
         Without a mask, Target Area Capture finds the region the prompt change affects (`capture`
@@ -320,16 +325,16 @@ class EditEngine:
         if mode == "dense":
             with phases("dense_steps"):
                 cache = self._new_cache(settings)
-                macs = self._run_dense([_spec(embeds, None)], settings, cache, record)
+                macs = self._run_dense([_spec(embeds, None)], settings, cache, record, progress)
         elif mode == "reference":
             with phases("reference_steps"):
                 chain = _dense_lineage(parent)
                 specs = [_spec(self._encode(v.prompt, settings), _pyramid_of(v)) for v in chain]
                 cache = ActivationCache.delta_of(parent.cache, pyramid.cells, self.cache_device)
-                macs = self._run_dense([*specs, _spec(embeds, pyramid)], settings, cache)
+                macs = self._run_dense([*specs, _spec(embeds, pyramid)], settings, cache, progress=progress)
         else:
             with phases("sparse_steps"):
-                ((cache, macs),) = self._run_sparse([(parent, embeds, pyramid)])
+                ((cache, macs),) = self._run_sparse([(parent, embeds, pyramid)], progress)
         with phases("decode"):
             image = self._image(cache, parent, latent_mask, mode, output_type)
         macs["executed"] += found["capture_macs"]
@@ -401,13 +406,14 @@ class EditEngine:
         *,
         capture: CaptureConfig | None = None,
         output_type: str = "pil",
+        progress: Progress | None = None,
     ) -> list[Version]:
         """Sparse edits `(parent, prompt, mask)` run together: each denoising step is one sparse pass
         over all of them (`SparseUNet.run_lanes`), so the weights are read once per step for the
         whole batch. Each result equals its edit run alone up to float rounding of the batched
         GEMMs. A mask of None is captured as in `edit`, each edit alone. The parents must share
         their number of steps and whether guidance is on. Seconds in the stats are the batch's;
-        `batch_size` says how many ran together."""
+        `batch_size` says how many ran together. `progress` follows the batch's steps."""
         _check_output_type(output_type)
         for parent, prompt, _ in requests:
             _check_cached(parent)
@@ -427,7 +433,7 @@ class EditEngine:
                 (parent, e, pyramid)
                 for (parent, _, _), e, pyramid in zip(requests, embeds, pyramids, strict=True)
             ]
-            results = self._run_sparse(jobs)
+            results = self._run_sparse(jobs, progress)
         with phases("decode"):
             images = [
                 self._image(cache, parent, latent_mask, "sparse", output_type)
@@ -678,7 +684,12 @@ class EditEngine:
         return ActivationCache(self.cache_dtype, sizes, device=self.cache_device)
 
     def _run_dense(
-        self, specs: list[dict], settings: Settings, cache: ActivationCache, record: bool = True
+        self,
+        specs: list[dict],
+        settings: Settings,
+        cache: ActivationCache,
+        record: bool = True,
+        progress: Progress | None = None,
     ) -> dict:
         """Run versions in lockstep: the first densely, each next one overwritten outside its mask by
         the one before (the masked-dense reference). Records the last one into `cache` (its
@@ -722,6 +733,8 @@ class EditEngine:
                         inside = run.pyramid.masks[0][None, None]
                         stepped = torch.where(inside, stepped, runs[j - 1].latents)
                     run.latents = stepped
+                if progress is not None:
+                    progress(i + 1, len(runs[0].scheduler.timesteps))
             cache.latents.append(runs[-1].latents)
         finally:
             if recorder is not None:
@@ -732,7 +745,7 @@ class EditEngine:
         return _macs(sum(per_run_macs), per_run_macs[-1], steps)
 
     def _run_sparse(
-        self, jobs: list[tuple[Version, torch.Tensor, MaskPyramid]]
+        self, jobs: list[tuple[Version, torch.Tensor, MaskPyramid]], progress: Progress | None = None
     ) -> list[tuple[ActivationCache, dict]]:
         """Sparse phase of edits `(parent, embeds, pyramid)`, in lockstep: every step runs the
         non-empty ones in one sparse pass (`SparseUNet.run_lanes`). Step 0 runs each alone under the
@@ -750,7 +763,8 @@ class EditEngine:
                 cache.steps = [{} for _ in range(steps)]
                 results[j] = (cache, _macs(0, parent.stats["unet_macs_per_step"], steps))
             elif pyramid.full:  # nothing kept: the same computation as a dense pass, which runs it faster
-                results[j] = (cache, self._run_dense([_spec(embeds, None)], parent.settings, cache))
+                dense = self._run_dense([_spec(embeds, None)], parent.settings, cache, progress=progress)
+                results[j] = (cache, dense)
             else:
                 run = self._start(_spec(embeds, pyramid), parent.settings)
                 plans = GatherPlans(pyramid, self.device, self.dtype, padded=self.step_program is not None)
@@ -779,6 +793,8 @@ class EditEngine:
                 outs = self._sparse_pass([job.lane for job in lanes])
             for job, out in zip(lanes, outs, strict=True):
                 job.finish(self, i, out)
+            if progress is not None:
+                progress(i + 1, lanes[0].parent.cache.num_steps)
         for job in lanes:
             job.cache.latents.append(job.run.latents)
             dense_per_step = job.parent.stats["unet_macs_per_step"]
@@ -886,4 +902,4 @@ def _composite(image: Image.Image, parent: Image.Image, mask: torch.Tensor, scal
     return Image.fromarray(out.astype(np.uint8))
 
 
-__all__ = ["EditEngine", "Settings", "Version"]
+__all__ = ["EditEngine", "Progress", "Settings", "Version"]
