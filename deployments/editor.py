@@ -24,6 +24,7 @@ import asyncio
 import io
 import logging
 from collections import defaultdict
+from collections.abc import AsyncIterator
 
 import torch
 from PIL import Image
@@ -36,7 +37,7 @@ from fisedit_ray import EditEngine
 from fisedit_ray.deployments.budget import BoundedLRU
 from fisedit_ray.deployments.cache_owner import png, version_from_payload, version_payload
 from fisedit_ray.deployments.telemetry import count_evictions
-from fisedit_ray.engine import Version
+from fisedit_ray.engine import Progress, Version
 from fisedit_ray.masks import mask_image, to_latent_mask
 
 SPARSITY_BUCKET = 0.1  # edits batched together differ by less than this in mask ratio
@@ -98,6 +99,25 @@ class Editor:
 
         Returns its PNGs and stats, or `{"error": message}` for input the engine refuses (nothing is
         kept then)."""
+        return await self._produce(session_id, lineage, None)
+
+    async def run_stream(self, session_id: str, lineage: list[dict]) -> AsyncIterator[dict]:
+        """`run`, streamed (`handle.options(stream=True)`): `{"step": i, "steps": n}` after each
+        denoising step of the last version, then `run`'s result."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[dict | None] = asyncio.Queue()
+
+        def progress(done: int, total: int) -> None:  # on the engine's thread
+            loop.call_soon_threadsafe(events.put_nowait, {"step": done, "steps": total})
+
+        task = asyncio.create_task(self._produce(session_id, lineage, progress))
+        # after the steps' events: the engine thread's last callback is queued before its result
+        task.add_done_callback(lambda _: events.put_nowait(None))
+        while (event := await events.get()) is not None:
+            yield event
+        yield await task
+
+    async def _produce(self, session_id: str, lineage: list[dict], progress: Progress | None) -> dict:
         try:
             record = lineage[-1]
             if not self.keep_caches and record.get("mode", "dense") != "dense":
@@ -107,10 +127,10 @@ class Editor:
             if mask is not None and record["mode"] == "sparse":
                 self.engine.check_prompt(record["prompt"])  # refused here, alone, not in a batch
                 await self._engine_idle.wait()
-                version, image_png = await self._sparse_batch(session_id, parent, record, mask)
+                version, image_png = await self._sparse_batch(session_id, parent, record, mask, progress)
                 fetched, rebuilt = [], []
             else:
-                fetched, rebuilt, version = await self._materialise(session_id, lineage)
+                fetched, rebuilt, version = await self._materialise(session_id, lineage, progress)
                 (image_png,) = await self._finish([(session_id, record, version)])
         except ValueError as e:
             return {"error": str(e)}
@@ -118,16 +138,16 @@ class Editor:
 
     @serve.batch
     async def _sparse_batch(
-        self, session_ids: list[str], parents: list, records: list, masks: list
+        self, session_ids: list[str], parents: list, records: list, masks: list, progresses: list
     ) -> list[tuple[Version, bytes]]:
         self._engine_idle.clear()
         try:
-            return await self._run_batch(session_ids, parents, records, masks)
+            return await self._run_batch(session_ids, parents, records, masks, progresses)
         finally:
             self._engine_idle.set()
 
     async def _run_batch(
-        self, session_ids: list[str], parents: list, records: list, masks: list
+        self, session_ids: list[str], parents: list, records: list, masks: list, progresses: list
     ) -> list[tuple[Version, bytes]]:
         groups = defaultdict(list)
         for i, (parent, mask) in enumerate(zip(parents, masks, strict=True)):
@@ -135,7 +155,8 @@ class Editor:
         versions: list = [None] * len(parents)
         for members in groups.values():
             requests = [(parents[i], records[i]["prompt"], masks[i]) for i in members]
-            edited = await asyncio.to_thread(self.engine.edit_batch, requests)
+            followers = [progresses[i] for i in members if progresses[i] is not None]
+            edited = await asyncio.to_thread(self.engine.edit_batch, requests, progress=_fan_out(followers))
             for i, version in zip(members, edited, strict=True):
                 version.id = records[i]["id"]
                 versions[i] = version
@@ -198,9 +219,11 @@ class Editor:
             raise RuntimeError("no engine")
         self.hot.expire()  # every health check period: idle sessions go even when no call comes
 
-    async def _materialise(self, session_id: str, lineage: list[dict]) -> tuple[list, list, Version]:
+    async def _materialise(
+        self, session_id: str, lineage: list[dict], progress: Progress | None = None
+    ) -> tuple[list, list, Version]:
         """The last version of `lineage`: its nearest hot ancestor, then ancestors fetched from the
-        cache owner, then the rest computed (rebuilt, for ancestors)."""
+        cache owner, then the rest computed (rebuilt, for ancestors; `progress` follows the last)."""
         start = len(lineage)
         while start > 0 and (session_id, lineage[start - 1]["id"]) not in self.hot:
             start -= 1
@@ -218,7 +241,7 @@ class Editor:
             version = await asyncio.to_thread(self._compute, record, version)
             self._keep(session_id, version)
             rebuilt.append(version.id)
-        return fetched, rebuilt, await asyncio.to_thread(self._compute, lineage[-1], version)
+        return fetched, rebuilt, await asyncio.to_thread(self._compute, lineage[-1], version, progress)
 
     async def _fetch(self, session_id: str, version_id: str) -> dict | None:
         refs = await self._ask_owner("get", session_id, version_id) if self.owner is not None else None
@@ -229,7 +252,7 @@ class Editor:
         except RayError:  # its owner died since: the object went with it
             return None
 
-    def _compute(self, record: dict, parent: Version | None) -> Version:
+    def _compute(self, record: dict, parent: Version | None, progress: Progress | None = None) -> Version:
         if parent is None:
             version = self.engine.generate(
                 record["prompt"],
@@ -239,11 +262,17 @@ class Editor:
                 height=record["size"],
                 width=record["size"],
                 record=self.keep_caches,
+                progress=progress,
             )
         else:
             mask = self._mask_image(record)
             version = self.engine.edit(
-                parent, record["prompt"], mask=mask, mode=record["mode"], record=self.keep_caches
+                parent,
+                record["prompt"],
+                mask=mask,
+                mode=record["mode"],
+                record=self.keep_caches,
+                progress=progress,
             )
         version.id = record["id"]
         return version
@@ -255,6 +284,18 @@ class Editor:
 
     def _keep(self, session_id: str, version: Version) -> None:
         self.hot.put((session_id, version.id), version, version.stats["cache_bytes"]["total"])
+
+
+def _fan_out(followers: list[Progress]) -> Progress | None:
+    """One progress callback for a batch: each of its edits' callbacks."""
+    if not followers:
+        return None
+
+    def progress(done: int, total: int) -> None:
+        for follower in followers:
+            follower(done, total)
+
+    return progress
 
 
 def batch_key(parent: Version, mask: torch.Tensor) -> tuple:

@@ -12,14 +12,18 @@ A dead replica or database answers 503 with Retry-After: nothing was acknowledge
 """
 
 import asyncio
+import json
 import secrets
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from pathlib import Path
 from typing import TypeVar
 
 import sqlalchemy as sa
 from fastapi import FastAPI, Header, HTTPException, Request, Response
+from fastapi.responses import FileResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.config import BackpressureConfig
@@ -35,6 +39,9 @@ from fisedit_ray.deployments.telemetry import ServiceMetrics
 api = FastAPI(title="fisedit-ray", version="1")
 RETRY_AFTER_S = 2
 T = TypeVar("T")
+Events = Callable[[dict], None]  # where a streamed request's progress events go
+WEB = Path(__file__).parent / "web"  # the web editor: static files, no dependencies
+WEB_FILES = {"editor.js": "text/javascript", "editor.css": "text/css"}
 
 
 def _new_id() -> str:
@@ -43,6 +50,17 @@ def _new_id() -> str:
 
 def _no_version(session_id: str, version_id: str) -> HTTPException:
     return HTTPException(404, f"session {session_id!r} has no version {version_id!r}")
+
+
+async def _follow(stream, events: Events) -> dict:
+    """The last item of an editor's `run_stream`, handing the steps before it to `events`."""
+    result = None
+    async for item in stream:
+        if "step" in item:
+            events({"event": "step", **item})
+        else:
+            result = item
+    return result
 
 
 def _unavailable(what: str) -> HTTPException:
@@ -116,12 +134,19 @@ class Ingress:
             raise HTTPException(400, result["error"])
         return result
 
-    async def _run(self, session_id: str, lineage: list[dict], home: str | None) -> dict:
+    async def _run(
+        self, session_id: str, lineage: list[dict], home: str | None, events: Events | None
+    ) -> dict:
+        """The editor's result for `lineage`; with `events`, its denoising steps as they run."""
         self._in_flight += 1
         self.metrics.in_flight.set(self._in_flight)
         try:
             editor = self.editor.options(session_id=routing_key(session_id, home))
-            result = await self._call(editor.run.remote(session_id, lineage))
+            if events is None:
+                result = await self._call(editor.run.remote(session_id, lineage))
+            else:
+                stream = editor.options(stream=True).run_stream.remote(session_id, lineage)
+                result = await self._call(_follow(stream, events))
         finally:
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
@@ -140,8 +165,49 @@ class Ingress:
             "prompt": row.prompt,
             "image_url": f"{base}/image",
             "mask_url": f"{base}/mask" if row.mask_sha256 is not None else None,
+            "warnings": row.stats.get("warnings", []),
             "stats": row.stats,
         }
+
+    @staticmethod
+    async def _respond(work: Callable[[Events | None], Awaitable[dict]], stream: bool):
+        """`work`'s result as JSON; streamed (`?stream=true`): newline-delimited JSON events as it
+        runs (`{"event": "step", "step": i, "steps": n}`, `{"event": "mask"}` while a mask is found),
+        then `{"event": "version", ...}`, or `{"event": "error", "status": ..., "detail": ...}` for
+        what would have been an error status. The request was validated before the stream starts."""
+        if not stream:
+            return await work(None)
+        events: asyncio.Queue[dict | None] = asyncio.Queue()
+
+        async def produce() -> dict:
+            try:
+                return await work(events.put_nowait)
+            finally:
+                events.put_nowait(None)
+
+        # started now, as a task of its own: a client that leaves mid-stream does not stop its edit
+        task = asyncio.create_task(produce())
+
+        async def lines() -> AsyncIterator[str]:
+            while (event := await events.get()) is not None:
+                yield json.dumps(event) + "\n"
+            try:
+                yield json.dumps({"event": "version", **task.result()}) + "\n"
+            except HTTPException as e:
+                yield json.dumps({"event": "error", "status": e.status_code, "detail": e.detail}) + "\n"
+
+        return StreamingResponse(lines(), status_code=201, media_type="application/x-ndjson")
+
+    # ---- the web editor -----------------------------------------------------------------------
+    @api.get("/", include_in_schema=False)
+    async def editor_page(self) -> FileResponse:
+        return FileResponse(WEB / "index.html", media_type="text/html")
+
+    @api.get("/web/{name}", include_in_schema=False)
+    async def editor_file(self, name: str) -> FileResponse:
+        if name not in WEB_FILES:
+            raise HTTPException(404, f"no file {name!r} in the web editor")
+        return FileResponse(WEB / name, media_type=WEB_FILES[name])
 
     # ---- API ----------------------------------------------------------------------------------
     @api.get("/healthz")
@@ -151,11 +217,15 @@ class Ingress:
         return {"status": "ok", "sessions": sessions}
 
     @api.post("/v1/sessions", status_code=201)
-    async def create_session(self, request: Request) -> dict:
+    async def create_session(self, request: Request, stream: bool = False):
         body = await parse_body(request, CreateSession, self.max_body_bytes)
+        return await self._respond(partial(self._generate, request, body), stream)
+
+    async def _generate(self, request: Request, body: CreateSession, events: Events | None) -> dict:
         session_id, version_id, token = _new_id(), _new_id(), secrets.token_urlsafe(24)
         settings = body.model_dump(exclude={"prompt"})
-        result = await self._run(session_id, [{"id": version_id, "prompt": body.prompt, **settings}], None)
+        lineage = [{"id": version_id, "prompt": body.prompt, **settings}]
+        result = await self._run(session_id, lineage, None, events)
         image = await self._db(self.blobs.put, result["image_png"])
         row = VersionRow(version_id, session_id, None, body.prompt, settings, image, None, result["stats"])
         await self._db(self.store.create_session, session_id, token, row)
@@ -163,25 +233,36 @@ class Ingress:
 
     @api.post("/v1/sessions/{session_id}/versions/{version_id}/edits", status_code=201)
     async def create_edit(
-        self, session_id: str, version_id: str, request: Request, authorization: str | None = Header(None)
-    ) -> dict:
+        self,
+        session_id: str,
+        version_id: str,
+        request: Request,
+        stream: bool = False,
+        authorization: str | None = Header(None),
+    ):
         await self._authorize(session_id, authorization)
+        body = await parse_body(request, CreateEdit, self.max_body_bytes)
         if self._editing[session_id] >= self.session_max_edits:
             raise HTTPException(
                 429,
                 f"session {session_id!r} has {self.session_max_edits} edits running; wait for one",
                 {"Retry-After": str(RETRY_AFTER_S)},
             )
-        self._editing[session_id] += 1
-        try:
-            return await self._edit(session_id, version_id, request)
-        finally:
-            self._editing[session_id] -= 1
-            if not self._editing[session_id]:
-                del self._editing[session_id]
+        self._editing[session_id] += 1  # no await since the check: the two are one step
 
-    async def _edit(self, session_id: str, version_id: str, request: Request) -> dict:
-        body = await parse_body(request, CreateEdit, self.max_body_bytes)
+        async def edit(events: Events | None) -> dict:
+            try:
+                return await self._edit(request, session_id, version_id, body, events)
+            finally:
+                self._editing[session_id] -= 1
+                if not self._editing[session_id]:
+                    del self._editing[session_id]
+
+        return await self._respond(edit, stream)
+
+    async def _edit(
+        self, request: Request, session_id: str, version_id: str, body: CreateEdit, events: Events | None
+    ) -> dict:
         lineage = await self._db(self._lineage, session_id, version_id)
         if not lineage:
             raise _no_version(session_id, version_id)
@@ -189,11 +270,13 @@ class Ingress:
         step = {"id": new_id, "prompt": body.prompt, "mask_png": body.mask_bytes(), "mode": body.mode}
         settings = {"mode": body.mode}
         if step["mask_png"] is None and body.mode != "dense":  # frozen: a rebuild reproduces the edit
+            if events is not None:
+                events({"event": "mask"})
             found = await self._call(self.masker.find.remote([*lineage, step]))
             step["mask_png"], settings["capture"] = found["mask_png"], found["stats"]
             step["capture"] = found["stats"]
         home = await self._db(self.store.home, session_id)
-        result = await self._run(session_id, [*lineage, step], home)
+        result = await self._run(session_id, [*lineage, step], home, events)
         image = await self._db(self.blobs.put, result["image_png"])
         mask = await self._db(self.blobs.put, result["mask_png"])  # a dense edit's: the whole image
         row = VersionRow(new_id, session_id, version_id, body.prompt, settings, image, mask, result["stats"])

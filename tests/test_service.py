@@ -1,6 +1,7 @@
 """The editing service over HTTP on a local Ray (2 CPUs, two editor replicas, the tiny model)."""
 
 import base64
+import json
 import time
 import zlib
 from collections import Counter
@@ -362,6 +363,42 @@ def test_a_full_queue_answers_503_with_retry_after(service):
         assert len({s.id for s in sessions}) == 8
     finally:
         serve.delete("tight")
+
+
+def streamed(client, url: str, body: dict, auth: dict | None = None) -> list[dict]:
+    """The events of a `?stream=true` request, in order."""
+    with client.stream("POST", f"{url}?stream=true", json=body, headers=auth or {}) as r:
+        assert r.status_code == 201 and r.headers["content-type"] == "application/x-ndjson"
+        return [json.loads(line) for line in r.iter_lines() if line]
+
+
+def test_streamed_requests_push_each_step_then_the_version(service, engine, one_thread):
+    events = streamed(service, "/v1/sessions", {"prompt": PROMPT, "seed": 5, "steps": 3})
+    assert events[:-1] == [{"event": "step", "step": i, "steps": 3} for i in (1, 2, 3)]
+    made = events[-1]
+    assert made["event"] == "version" and made["warnings"] == []
+    auth = {"Authorization": f"Bearer {made['token']}"}
+    url = f"/v1/sessions/{made['session_id']}/versions/{made['version_id']}/edits"
+    events = streamed(service, url, {"prompt": EDIT}, auth)  # the mask found first, then the steps
+    assert [e["event"] for e in events] == ["mask", "step", "step", "step", "version"]
+    parent = engine.generate(PROMPT, seed=5, num_inference_steps=3)
+    image = png_array(service.get(events[-1]["image_url"], headers=auth).content)
+    assert np.array_equal(image, np.asarray(engine.edit(parent, EDIT).image))
+
+    # edits that run as one batch each hear every step of it
+    bodies = [{"prompt": f"a {c} square", "mask_png": mask_png(MASK)} for c in ("blue", "green", "white")]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        runs = list(pool.map(lambda body: streamed(service, url, body, auth), bodies))
+    for events in runs:
+        assert [e.get("step") for e in events[:-1]] == [1, 2, 3] and events[-1]["event"] == "version"
+
+    # what would have been an error status comes as the last event, and nothing is stored
+    too_long = " ".join(["red"] * 100)
+    events = streamed(service, url, {"prompt": too_long, "mask_png": mask_png(MASK)}, auth)
+    assert events[-1]["event"] == "error" and events[-1]["status"] == 400
+    assert "tokens long" in events[-1]["detail"]
+    tree = service.get(f"/v1/sessions/{made['session_id']}", headers=auth).json()
+    assert len(tree["versions"]) == 2 + len(bodies)
 
 
 def test_concurrent_edits_on_one_replica_are_batched_and_equal_alone(service, engine, one_thread):
