@@ -33,8 +33,11 @@ def serve_locally(
             args["cache_dtype"] = cache_dtype
         serve.run(build_app(args), name="fisedit", route_prefix="/")
         print(
-            f"fisedit-ray serving {model!r} at http://{host}:{port}/v1, sessions kept in {data}, "
-            f"metrics at http://127.0.0.1:{metrics_port}/metrics (Ctrl-C stops it)",
+            f"fisedit-ray serving {model!r}\n"
+            f"  web editor: http://{host}:{port}/\n"
+            f"  API:        http://{host}:{port}/v1\n"
+            f"  metrics:    http://127.0.0.1:{metrics_port}/metrics\n"
+            f"  sessions kept in {data} (Ctrl-C stops it)",
             flush=True,
         )
         while True:

@@ -62,15 +62,17 @@ class Server:
         ]
         command += ["--port", str(self.port), "--data", str(data), "--metrics-port", str(self.metrics_port)]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.banner = self._wait_for("fisedit-ray serving")
+        self.banner = self._wait_for("sessions kept in")  # the banner's last line
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=120)
         self.processes = descendants(self.process.pid)
 
     def _wait_for(self, words: str, timeout: float = 180) -> str:
-        deadline = time.monotonic() + timeout
+        """What the process printed up to the line with `words`."""
+        deadline, lines = time.monotonic() + timeout, []
         for line in self.process.stdout:
+            lines.append(line)
             if words in line:
-                return line
+                return "".join(lines)
             assert time.monotonic() < deadline, f"no {words!r} from fisedit serve"
         raise AssertionError(f"fisedit serve exited ({self.process.wait()}) before printing {words!r}")
 
@@ -92,7 +94,9 @@ def test_a_restarted_service_keeps_every_session_and_rebuilds_old_versions(tmp_p
     server = Server(data)
     try:
         assert (
-            str(data) in server.banner and f"http://127.0.0.1:{server.metrics_port}/metrics" in server.banner
+            str(data) in server.banner
+            and f"http://127.0.0.1:{server.metrics_port}/metrics" in server.banner
+            and f"web editor: http://127.0.0.1:{server.port}/" in server.banner
         )
         r = server.http.post("/v1/sessions", json={"prompt": PROMPT, "seed": 3, "steps": 3})
         root, auth = r.json(), {"Authorization": f"Bearer {r.json()['token']}"}
