@@ -19,20 +19,27 @@ MAX_SIDE = 1024
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-class CreateSession(BaseModel):
+class _HasPrompt(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=2000)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():  # the engine's rule, here before anything runs or is batched
+            raise ValueError("the prompt is blank: describe the image")
+        return value
+
+
+class CreateSession(_HasPrompt):
     seed: int = Field(0, ge=0, lt=2**63)
     steps: int = Field(20, ge=1, le=MAX_STEPS)
     guidance: float = Field(7.5, ge=0.0, le=MAX_GUIDANCE)
     size: int | None = Field(None, ge=8, le=MAX_SIDE, description="Image side in pixels (model default)")
 
 
-class CreateEdit(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str = Field(min_length=1, max_length=2000)
+class CreateEdit(_HasPrompt):
     mask_png: str | None = Field(
         None, description="Base64 PNG, white = edit, at latent or image size; omitted: the service finds it"
     )

@@ -3,22 +3,34 @@ command that reaches into `fisedit_ray.deployments`, and only when it runs)."""
 
 from __future__ import annotations
 
+import inspect
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
-from PIL import Image, UnidentifiedImageError
 
-from fisedit_ray.cache import parse_dtype
-from fisedit_ray.capture import CaptureConfig
-from fisedit_ray.engine import EditEngine, Version
-from fisedit_ray.figures import labeled_grid
-from fisedit_ray.masks import mask_image, overlay
-from fisedit_ray.models import DEFAULT_MODEL
-from fisedit_ray.session import Session, SessionError
+# Only light modules here: `fisedit --help` and argument errors answer without torch, diffusers or
+# the engine, which the commands that run a model import when they run.
+from fisedit_ray.prompts import SCENES_GRAMMAR, check_not_empty
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sparse text-to-image editing (FISEdit).")
+if TYPE_CHECKING:
+    import torch
+
+    from fisedit_ray.engine import EditEngine, Version
+
+# Defaults written out, not imported from the modules that define them (those load torch); tests check
+# that they agree: fisedit_ray.models.DEFAULT_MODEL and CaptureConfig.dense_steps.
+DEFAULT_MODEL = "scenes"
+DEFAULT_DENSE_STEPS = 1
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=f"Sparse text-to-image editing (FISEdit).\n\n{SCENES_GRAMMAR}",
+)
 
 DEMO_PROMPT = "a red circle at the top left"
 DEMO_EDIT = "a red circle at the top left and a blue square at the center"
@@ -44,13 +56,83 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _command_with_grammar(command: Callable) -> Callable:
+    """Register a command that reads a prompt: its help is its docstring, then the prompt grammar."""
+    return app.command(help=f"{inspect.cleandoc(command.__doc__ or '')}\n\n{SCENES_GRAMMAR}")(command)
+
+
+def _require_prompt(prompt: str) -> None:
+    """The engine's empty-prompt error, before loading a model."""
+    try:
+        check_not_empty(prompt)
+    except ValueError as e:
+        raise _fail(str(e)) from e
+
+
+def _check_and_warn(engine: EditEngine, prompt: str) -> None:
+    """Refuse a prompt the model cannot read whole; print what it may misread (before a run, so that
+    a wrong prompt can be stopped early)."""
+    try:
+        engine.check_prompt(prompt)
+        warnings = engine.prompt_warnings(prompt)
+    except ValueError as e:
+        raise _fail(str(e)) from e
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+
+
 def _engine(model: str, device: str, cache_dtype: str | torch.dtype, compile: bool = False) -> EditEngine:
+    from fisedit_ray.cache import parse_dtype
+    from fisedit_ray.engine import EditEngine
+
     try:
         return EditEngine.from_pretrained(
             model, device=device, cache_dtype=parse_dtype(cache_dtype), compile=compile
         )
     except (OSError, ValueError) as e:
         raise _fail(f"cannot load model {model!r}: {e}") from e
+
+
+@contextmanager
+def _progress_bars(steps: bool = True) -> Iterator[Callable[[str], Callable[[float, float], None]]]:
+    """Progress bars on stderr: yields a function that adds one (by its description) and returns
+    the callback that moves it, `(done, total)`. `steps`: show "done/total", else the time left.
+    Drawn only where stderr is an interactive terminal, and removed when done, so stdout carries the
+    results alone; lines printed to a terminal's stdout meanwhile appear above the bars."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.progress import Progress as RichProgress
+
+    count = (
+        (MofNCompleteColumn(), TimeElapsedColumn())
+        if steps
+        else (TaskProgressColumn(), TimeRemainingColumn())
+    )
+    console = Console(stderr=True)
+    with RichProgress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        *count,
+        console=console,
+        # Rich would draw nothing elsewhere either, but end with an empty line on stderr
+        disable=not console.is_interactive,
+        transient=True,
+        redirect_stdout=sys.stdout.isatty(),  # else stdout lines would go to stderr's console
+        redirect_stderr=False,
+    ) as bars:
+
+        def add(description: str) -> Callable[[float, float], None]:
+            task = bars.add_task(description, total=None)
+            return lambda done, total: bars.update(task, completed=done, total=total)
+
+        yield add
 
 
 def _seconds(stats: dict) -> str:
@@ -73,7 +155,7 @@ def report(rows: list[tuple[str, Version]]) -> str:
     return "\n".join(lines)
 
 
-@app.command()
+@_command_with_grammar
 def generate(
     prompt: str,
     session: SessionOpt,
@@ -88,19 +170,25 @@ def generate(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Generate an image and start a session folder with it (and its activation cache)."""
+    from fisedit_ray.session import Session
+
+    _require_prompt(prompt)
     if Session.exists(session):
         raise _fail(f"{session} already holds a session; edit it or choose another folder")
     engine = _engine(model, device, cache_dtype)
+    _check_and_warn(engine, prompt)
     try:
-        version = engine.generate(
-            prompt,
-            seed=seed,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=height,
-            width=width,
-            negative_prompt=negative_prompt,
-        )
+        with _progress_bars() as progress_bar:
+            version = engine.generate(
+                prompt,
+                seed=seed,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=height,
+                width=width,
+                negative_prompt=negative_prompt,
+                progress=progress_bar("generating"),
+            )
     except ValueError as e:
         raise _fail(str(e)) from e
     folder = Session.create(session, model).add(version, engine.vae_scale)
@@ -108,7 +196,7 @@ def generate(
     typer.echo(report([(version.id, version)]))
 
 
-@app.command()
+@_command_with_grammar
 def edit(
     prompt: str,
     session: SessionOpt,
@@ -120,7 +208,7 @@ def edit(
     mode: Annotated[str, typer.Option(help="sparse, reference or dense.")] = "sparse",
     dense_steps: Annotated[
         int, typer.Option(min=1, help="Dense steps before an automatic mask exists (k).")
-    ] = CaptureConfig.dense_steps,
+    ] = DEFAULT_DENSE_STEPS,
     combine: Annotated[
         str, typer.Option(help="With --mask: replace (the mask wins), union or intersect with the found one.")
     ] = "replace",
@@ -128,6 +216,12 @@ def edit(
 ) -> None:
     """Edit a version of a session with a new prompt, inside a mask or the region the prompt change
     affects. Writes the image, the mask and an overlay of the mask on the parent's image."""
+    from PIL import Image, UnidentifiedImageError
+
+    from fisedit_ray.capture import CaptureConfig
+    from fisedit_ray.session import Session, SessionError
+
+    _require_prompt(prompt)
     try:
         store = Session.open(session)
         base = store.get(parent) if parent else store.latest
@@ -141,8 +235,12 @@ def edit(
         except (OSError, UnidentifiedImageError) as e:
             raise _fail(f"cannot read mask {mask}: {e}") from e
     engine = _engine(store.model, device, base.cache.storage_dtype)
+    _check_and_warn(engine, prompt)
     try:
-        version = engine.edit(base, prompt, mask=mask_png, mode=mode, capture=capture)
+        with _progress_bars() as progress_bar:
+            version = engine.edit(
+                base, prompt, mask=mask_png, mode=mode, capture=capture, progress=progress_bar("editing")
+            )
     except ValueError as e:
         raise _fail(str(e)) from e
     folder = store.add(version, engine.vae_scale)
@@ -164,11 +262,22 @@ def demo(
 ) -> None:
     """Generate, edit with a mask found from the prompt change (sparse) and regenerate (dense),
     write the images, the mask and a table."""
+    from fisedit_ray.figures import labeled_grid
+    from fisedit_ray.masks import mask_image, overlay
+
     engine = _engine(model, device, "float32", compile)
     out.mkdir(parents=True, exist_ok=True)
-    base = engine.generate(DEMO_PROMPT, seed=seed, num_inference_steps=steps, height=size, width=size)
-    sparse = engine.edit(base, DEMO_EDIT, mode="sparse")
-    dense = engine.edit(base, DEMO_EDIT, mode="dense")
+    with _progress_bars() as progress_bar:
+        base = engine.generate(
+            DEMO_PROMPT,
+            seed=seed,
+            num_inference_steps=steps,
+            height=size,
+            width=size,
+            progress=progress_bar("generating"),
+        )
+        sparse = engine.edit(base, DEMO_EDIT, mode="sparse", progress=progress_bar("editing (sparse)"))
+        dense = engine.edit(base, DEMO_EDIT, mode="dense", progress=progress_bar("regenerating (dense)"))
     base.image.save(out / "original.png")
     sparse.image.save(out / "edit_sparse.png")
     dense.image.save(out / "edit_dense.png")
@@ -223,7 +332,15 @@ def train(
         device=device,
         precision=precision,
     )
-    run_training(config, log=lambda line: typer.echo(line))
+    with _progress_bars(steps=False) as progress_bar:
+        bars: dict[str, Callable[[float, float], None]] = {}
+
+        def progress(stage: str, done: float, total: float) -> None:
+            if stage not in bars:
+                bars[stage] = progress_bar(stage)
+            bars[stage](done, total)
+
+        run_training(config, log=lambda line: typer.echo(line), progress=progress)
 
 
 @app.command()

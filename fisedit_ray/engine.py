@@ -18,12 +18,11 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import diffusers
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
@@ -40,16 +39,22 @@ from fisedit_ray.capture import (
 )
 from fisedit_ray.macs import AffineMacs, count_macs
 from fisedit_ray.masks import MaskLike, MaskPyramid, blob_mask, to_latent_mask
-from fisedit_ray.models import DEFAULT_MODEL, load_pipeline
+from fisedit_ray.models import DEFAULT_MODEL, load_pipeline, speaks_scenes_grammar
+from fisedit_ray.prompts import check_not_empty, scenes_prompt_warnings
 from fisedit_ray.reference import LockstepHooks
 from fisedit_ray.sparse_unet import GatherPlans, Lane, SparseUNet
 from fisedit_ray.step_program import StepProgram
+
+if TYPE_CHECKING:  # imported by `models.pipeline_class`, quietly
+    from diffusers import StableDiffusionPipeline
 
 Mode = Literal["sparse", "reference", "dense"]
 MODES = ("sparse", "reference", "dense")
 # called after each denoising step with (steps done, steps in all): progress bars, the service's
 # live progress; it runs on the engine's thread, so it must be quick
 Progress = Callable[[int, int], None]
+# what `warm_up` generates: any non-empty prompt (the programs it compiles depend on mask sizes only)
+_WARM_UP_PROMPT = "a red circle at the center"
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,8 @@ class EditEngine:
         self.step_program = StepProgram(self.sparse_unet) if compile else None
         self.cache_dtype = parse_dtype(cache_dtype)
         self.cache_device = None if cache_device is None else torch.device(cache_device)
+        # the scenes model reads only its caption grammar: prompts outside it get warnings
+        self.is_scenes_model = speaks_scenes_grammar(pipe.tokenizer)
         pipe.set_progress_bar_config(disable=True)
 
     @classmethod
@@ -272,7 +279,8 @@ class EditEngine:
         progress: Progress | None = None,
     ) -> Version:
         """A new image; `record=False` keeps no activation cache (a plain generation, which can be
-        edited only in "dense" mode)."""
+        edited only in "dense" mode). `stats["warnings"]`: see `prompt_warnings`."""
+        warnings = self.prompt_warnings(prompt)
         _check_output_type(output_type)
         settings = self.settings(seed, num_inference_steps, guidance_scale, height, width, negative_prompt)
         phases = _Phases()
@@ -283,7 +291,7 @@ class EditEngine:
             macs = self._run_dense([_spec(embeds, None)], settings, cache, record, progress)
         with phases("decode"):
             image = self._decode(cache.latents[-1], output_type)
-        stats = _stats("generate", macs, phases, cache)
+        stats = _stats("generate", macs, phases, cache, warnings=warnings)
         return Version(prompt, settings, "generate", cache.latents[-1], image, cache, stats)
 
     @_one_at_a_time
@@ -305,7 +313,9 @@ class EditEngine:
         configures it; with a mask, `capture.combine` may also union or intersect the two). An
         unmasked edit whose prompt reads as the parent's (same tokens) has an empty mask: the
         parent's latents and image (in sparse mode without a U-Net pass). `record=False` (dense
-        mode only) keeps no activation cache: a plain regeneration."""
+        mode only) keeps no activation cache: a plain regeneration. `stats["warnings"]`: see
+        `prompt_warnings`."""
+        warnings = self.prompt_warnings(prompt)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not record and mode != "dense":
@@ -313,7 +323,6 @@ class EditEngine:
         if mode != "dense":
             _check_cached(parent)
         _check_output_type(output_type)
-        _check_edit_prompt(prompt)
         config = capture or CaptureConfig()
         settings = parent.settings
         phases, compiled_before = _Phases(), self._compile_seconds()
@@ -339,7 +348,7 @@ class EditEngine:
             image = self._image(cache, parent, latent_mask, mode, output_type)
         macs["executed"] += found["capture_macs"]
         found["compile_seconds"] = self._compile_seconds() - compiled_before
-        stats = _stats(mode, macs, phases, cache, mask_ratio=pyramid.ratio, **found)
+        stats = _stats(mode, macs, phases, cache, mask_ratio=pyramid.ratio, warnings=warnings, **found)
         return Version(prompt, settings, mode, cache.latents[-1], image, cache, stats, parent, latent_mask)
 
     def warm_up(
@@ -357,7 +366,7 @@ class EditEngine:
             return 0.0
         start = time.perf_counter()
         parent = self.generate(
-            "", num_inference_steps=2, guidance_scale=guidance_scale, height=height, width=width,
+            _WARM_UP_PROMPT, num_inference_steps=2, guidance_scale=guidance_scale, height=height, width=width,
             output_type="latent",
         )  # fmt: skip
         for ratio in mask_ratios:  # two steps: the first runs eagerly, the second compiles
@@ -373,7 +382,7 @@ class EditEngine:
         """Target Area Capture alone: the latent mask an unmasked sparse edit of `parent` with
         `prompt` would use, and how it was found (`capture_steps`, `capture_macs`)."""
         _check_cached(parent)
-        _check_edit_prompt(prompt)
+        check_not_empty(prompt)
         embeds = self._encode(prompt, parent.settings)
         return self._edit_mask(parent, prompt, embeds, None, capture or CaptureConfig(), "sparse")
 
@@ -392,7 +401,7 @@ class EditEngine:
         edit's mode): the same mask, bit for bit, for a mask-generation pool that holds no caches.
         The first steps of a dense-computed parent, which `find_mask` reads from its cache, are
         recomputed here (alone, as generated: the same bits), at the price of k more dense steps."""
-        _check_edit_prompt(prompt)
+        check_not_empty(prompt)
         config = capture or CaptureConfig()
         embeds = self._encode(prompt, settings)
         mask, found = self._find(settings, parent_prompt, parent_mode, None, prompt, embeds, config)
@@ -415,9 +424,9 @@ class EditEngine:
         their number of steps and whether guidance is on. Seconds in the stats are the batch's;
         `batch_size` says how many ran together. `progress` follows the batch's steps."""
         _check_output_type(output_type)
-        for parent, prompt, _ in requests:
+        for parent, _, _ in requests:
             _check_cached(parent)
-            _check_edit_prompt(prompt)
+        warnings = [self.prompt_warnings(prompt) for _, prompt, _ in requests]
         config = capture or CaptureConfig()
         phases, compiled_before = _Phases(), self._compile_seconds()
         with phases("text_encode"):
@@ -440,8 +449,8 @@ class EditEngine:
                 for (cache, _), (parent, _, _), (latent_mask, _) in zip(results, requests, masks, strict=True)
             ]
         versions = []
-        for (parent, prompt, _), (cache, macs), image, (latent_mask, found), pyramid in zip(
-            requests, results, images, masks, pyramids, strict=True
+        for (parent, prompt, _), (cache, macs), image, (latent_mask, found), pyramid, said in zip(
+            requests, results, images, masks, pyramids, warnings, strict=True
         ):
             macs["executed"] += found["capture_macs"]
             stats = _stats(
@@ -452,6 +461,7 @@ class EditEngine:
                 mask_ratio=pyramid.ratio,
                 batch_size=len(requests),
                 compile_seconds=self._compile_seconds() - compiled_before,
+                warnings=said,
                 **found,
             )
             version = Version(
@@ -632,13 +642,22 @@ class EditEngine:
             dict(self.pipe.scheduler.config),
         )
 
+    def prompt_warnings(self, prompt: str) -> list[str]:
+        """What this model will likely misread in `prompt`, one sentence each (with the nearest prompt
+        it reads well, where there is one); empty when it is fine. Only the scenes model, which reads
+        nothing but its caption grammar (`fisedit_ray.prompts.SCENES_GRAMMAR`), has any. Raises
+        ValueError for an empty prompt, as `generate` and `edit` do."""
+        check_not_empty(prompt)
+        return scenes_prompt_warnings(prompt) if self.is_scenes_model else []
+
     def check_prompt(self, prompt: str) -> None:
         """Raise ValueError for a prompt the text encoder would silently truncate."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         tokenizer = self._prompt_tokenizer
         with self._prompt_tokenizer_lock:
-            count = len(tokenizer(prompt).input_ids)
+            # verbose=False: no "indexing errors" warning from transformers; the error below says it
+            count = len(tokenizer(prompt, verbose=False).input_ids)
         if count > tokenizer.model_max_length:
             raise ValueError(
                 f"prompt is {count} tokens long; this model reads at most {tokenizer.model_max_length}"
@@ -830,11 +849,6 @@ def _check_cached(parent: Version) -> None:
         raise ValueError(
             f"version {parent.id} keeps no activation cache (made with record=False): edit it in dense mode"
         )
-
-
-def _check_edit_prompt(prompt: str) -> None:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("an edit needs a non-empty prompt (the new description of the image)")
 
 
 def _check_output_type(output_type: str) -> None:

@@ -8,18 +8,24 @@ with seeded (untrained) weights, for tests. None of them downloads anything.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import diffusers.utils.logging as diffusers_logging
+import huggingface_hub.utils as hub_utils
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+import transformers.utils.logging as transformers_logging
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.utils import is_accelerate_available
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from fisedit_ray.scenes import vocabulary as scenes_vocabulary
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 DEFAULT_MODEL = "scenes"
 SCENES_MODEL_DIR = Path(__file__).parent / "weights" / "scenes"
@@ -148,7 +154,7 @@ def build_text_encoder(tokenizer: PreTrainedTokenizerFast, **sizes: int) -> CLIP
 
 def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler=None) -> StableDiffusionPipeline:
     """A Stable Diffusion pipeline of these components (no safety checker), DDIM by default."""
-    pipe = StableDiffusionPipeline(
+    pipe = pipeline_class()(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -175,13 +181,57 @@ def load_pipeline(
     local = os.path.isdir(name_or_path)
     if not local and name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model folder {name_or_path!r} does not exist")
-    pipe = StableDiffusionPipeline.from_pretrained(
-        name_or_path,
-        dtype=dtype,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        local_files_only=local,
-    )
+    pipeline = pipeline_class()
+    with quiet_libraries():
+        pipe = pipeline.from_pretrained(
+            name_or_path,
+            dtype=dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            local_files_only=local,
+            # diffusers asks for it by default and, without accelerate, warns that it cannot
+            low_cpu_mem_usage=is_accelerate_available(),
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def speaks_scenes_grammar(tokenizer) -> bool:
+    """Whether a model's tokenizer knows exactly the scenes captions' words: the shipped scenes model
+    and every model `fisedit train` makes, which read only that grammar (`fisedit_ray.prompts`)."""
+    words = set(tokenizer.get_vocab()) - set(tokenizer.all_special_tokens)
+    return words == set(scenes_vocabulary())
+
+
+def pipeline_class() -> type[StableDiffusionPipeline]:
+    """diffusers' `StableDiffusionPipeline`, imported quietly: its module looks up transformers'
+    `CLIPImageProcessor`, which, without torchvision, logs that it falls back to its PIL version,
+    for an image processor these pipelines never use (no safety checker)."""
+    with quiet_libraries():
+        from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """transformers and diffusers log errors only, and draw no progress bars (such as "Loading
+    pipeline components" and "Writing model shards"), while a model loads or is saved; their settings
+    as they were afterwards, so that a program that uses them too keeps its own."""
+    libraries = (diffusers_logging, transformers_logging)
+    verbosity = [library.get_verbosity() for library in libraries]
+    bars = [library.is_progress_bar_enabled() for library in libraries]
+    hub_bars_disabled = hub_utils.are_progress_bars_disabled()  # transformers switches them too
+    for library in libraries:
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, level, enabled in zip(libraries, verbosity, bars, strict=True):
+            library.set_verbosity(level)
+            if enabled:
+                library.enable_progress_bar()
+        if hub_utils.are_progress_bars_disabled() != hub_bars_disabled:
+            (hub_utils.disable_progress_bars if hub_bars_disabled else hub_utils.enable_progress_bars)()

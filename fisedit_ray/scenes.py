@@ -11,10 +11,13 @@ import functools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    import torch
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {
@@ -34,6 +37,7 @@ BACKGROUNDS = {
 DEFAULT_BACKGROUND = "black"
 CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 EDIT_KINDS = ("add", "remove", "recolor", "reshape", "move", "background")
+MAX_OBJECTS = 3  # the most objects a scene holds (the shipped model saw scenes of 0 to 3)
 IMAGE_SIZE = 64
 OBJECT_RADIUS = 7  # pixels; cells are 64 / 3 ~ 21 px wide
 
@@ -118,6 +122,8 @@ def shape_mask(shape: str, cell: int, size: int = IMAGE_SIZE) -> np.ndarray:
 @functools.cache
 def _shape_masks(size: int) -> torch.Tensor:
     """[shape, cell, size, size] pixel masks: every object this world can draw."""
+    import torch  # here, not above: the command line reads this module's word lists at start-up
+
     return torch.from_numpy(np.stack([[shape_mask(s, c, size) for c in range(9)] for s in SHAPES]))
 
 
@@ -125,6 +131,8 @@ def render_batch(scenes: Sequence[Scene], size: int = IMAGE_SIZE, device="cpu") 
     """[B, 3, size, size] uint8 images, equal to `Scene.render` but vectorised (on any device):
     objects never overlap, so an image is its background plus each object's mask times its colour
     change. For training, where rendering one scene at a time cannot keep a GPU busy."""
+    import torch
+
     palette = torch.tensor([*COLORS.values(), *BACKGROUNDS.values()], dtype=torch.int32, device=device)
     color_index = {name: i for i, name in enumerate([*COLORS, *BACKGROUNDS])}
     shape_index = {name: i for i, name in enumerate(SHAPES)}
@@ -143,7 +151,9 @@ def render_batch(scenes: Sequence[Scene], size: int = IMAGE_SIZE, device="cpu") 
     return images.to(torch.uint8)
 
 
-def random_scene(seed: int, min_objects: int = 0, max_objects: int = 3, background_p: float = 0.2) -> Scene:
+def random_scene(
+    seed: int, min_objects: int = 0, max_objects: int = MAX_OBJECTS, background_p: float = 0.2
+) -> Scene:
     rng = random.Random(seed)
     count = rng.randint(min_objects, max_objects)
     cells = rng.sample(range(9), count)

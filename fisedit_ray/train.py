@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +29,13 @@ from diffusers.models.attention_processor import AttnProcessor
 from diffusers.training_utils import EMAModel, compute_snr
 from transformers import CLIPTextModel
 
-from fisedit_ray.models import SD_SCHEDULER_CONFIG, assemble_pipeline, build_text_encoder, build_tokenizer
+from fisedit_ray.models import (
+    SD_SCHEDULER_CONFIG,
+    assemble_pipeline,
+    build_text_encoder,
+    build_tokenizer,
+    quiet_libraries,
+)
 from fisedit_ray.scenes import cell_tokens, random_scene, render_batch, vocabulary
 
 UNET_CONFIG = dict(
@@ -58,6 +64,11 @@ VAE_CONFIG = dict(
 )
 TEXT_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
 MAX_TOKENS = 32
+# called as training goes with (stage, done, total), for progress bars: stage 1 (the autoencoder)
+# counts its steps, stage 2 (U-Net and text encoder) the seconds of its budget, or its steps where
+# `max_steps` is set
+TrainProgress = Callable[[str, float, float], None]
+STAGE_1, STAGE_2 = "stage 1: autoencoder", "stage 2: U-Net and text encoder"
 
 
 @dataclass
@@ -126,15 +137,19 @@ def loss_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float) -> tor
     return snr.clamp(max=gamma) / snr
 
 
-def train_vae(cfg: TrainConfig, out: Path, log) -> AutoencoderKL:
+def train_vae(cfg: TrainConfig, out: Path, log, progress: TrainProgress | None = None) -> AutoencoderKL:
     device, autocast = resolve(cfg)
     if cfg.init:
         log(f"stage 1: autoencoder from {cfg.init}")
-        return AutoencoderKL.from_pretrained(cfg.init, subfolder="vae", torch_dtype=torch.float32).to(device)
+        with quiet_libraries():
+            return AutoencoderKL.from_pretrained(cfg.init, subfolder="vae", torch_dtype=torch.float32).to(
+                device
+            )
     path = out / "vae"
     if (path / "config.json").exists():
         log(f"stage 1: autoencoder found in {path}")
-        return AutoencoderKL.from_pretrained(path).to(device)
+        with quiet_libraries():
+            return AutoencoderKL.from_pretrained(path).to(device)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     vae = AutoencoderKL(**VAE_CONFIG).to(device)
@@ -150,6 +165,8 @@ def train_vae(cfg: TrainConfig, out: Path, log) -> AutoencoderKL:
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if progress is not None:
+            progress(STAGE_1, step + 1, cfg.vae_steps)
         if step % 100 == 0 or step == cfg.vae_steps - 1:
             log(f"stage 1: step {step} loss {np.mean(losses[-100:]):.5f}")
     vae.eval()
@@ -166,8 +183,9 @@ def denoiser(cfg: TrainConfig, tokenizer) -> tuple[UNet2DConditionModel, CLIPTex
     """A fresh U-Net and text encoder, or those of `cfg.init`."""
     if not cfg.init:
         return UNet2DConditionModel(**UNET_CONFIG), build_text_encoder(tokenizer, **TEXT_CONFIG)
-    unet = UNet2DConditionModel.from_pretrained(cfg.init, subfolder="unet", torch_dtype=torch.float32)
-    text_encoder = CLIPTextModel.from_pretrained(cfg.init, subfolder="text_encoder", dtype=torch.float32)
+    with quiet_libraries():
+        unet = UNet2DConditionModel.from_pretrained(cfg.init, subfolder="unet", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(cfg.init, subfolder="text_encoder", dtype=torch.float32)
     known = text_encoder.config.vocab_size
     if known > len(tokenizer):
         raise ValueError(f"{cfg.init}: its text encoder does not match the scenes vocabulary")
@@ -190,7 +208,7 @@ def extend_vocabulary(text_encoder: CLIPTextModel, tokenizer, known: int) -> Non
         grown[token_id] = table[ids].mean(dim=0)
 
 
-def train(cfg: TrainConfig, log=print) -> Path:
+def train(cfg: TrainConfig, log=print, progress: TrainProgress | None = None) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -198,7 +216,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
     log(f"training on {device} ({'float32' if autocast is None else 'bfloat16 autocast'})")
     torch.manual_seed(cfg.seed)
-    vae = train_vae(cfg, out, log).requires_grad_(False)
+    vae = train_vae(cfg, out, log, progress).requires_grad_(False)
     tokenizer = build_tokenizer(MAX_TOKENS, vocabulary(), cell_tokens())
     unet, text_encoder = (m.to(device) for m in denoiser(cfg, tokenizer))
     if device.type == "cpu" and autocast is not None:
@@ -273,6 +291,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
         state["losses"].append(mse.mean().item())  # the plain prediction MSE
         state["step"] += 1
         state["seconds"] += time.perf_counter() - start
+        if progress is not None and cfg.max_steps is not None:
+            progress(STAGE_2, state["step"], cfg.max_steps)
+        elif progress is not None:
+            progress(STAGE_2, min(state["seconds"], budget), budget)
         if state["step"] % 100 == 0:
             recent = np.mean(state["losses"][-100:])
             log(f"stage 2: step {state['step']} loss {recent:.4f} ({state['seconds'] / 60:.1f} min)")
@@ -292,8 +314,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
 def export(path: Path, unet, vae, text_encoder, tokenizer, scheduler) -> Path:
     """A diffusers Stable Diffusion folder, weights in float16 to keep the package small."""
     pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler)
-    pipe.to(torch.float16).save_pretrained(path)
-    pipe.to(torch.float32)
+    with quiet_libraries():  # diffusers warns about casting (no module needs float32) and draws a bar
+        pipe.to(torch.float16).save_pretrained(path)
+        pipe.to(torch.float32)
     return path
 
 

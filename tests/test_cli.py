@@ -1,13 +1,19 @@
 """The `fisedit` command line, end to end on the embedded model."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from fisedit_ray import cli
+from fisedit_ray.capture import CaptureConfig
 from fisedit_ray.cli import app
+from fisedit_ray.models import DEFAULT_MODEL
+from fisedit_ray.prompts import EMPTY_PROMPT_ERROR
 from fisedit_ray.session import Session
 
 runner = CliRunner()
@@ -95,3 +101,64 @@ def test_bad_mask_and_parent_are_clear_errors(tmp_path, mask_png):
     result = run("generate", "odd size", "--session", tmp_path / "new", "--height", 33)
     assert result.exit_code == 2 and "height must be a multiple of 2" in result.output
     assert not (tmp_path / "new").exists()  # a refused generation leaves nothing behind
+
+
+def fisedit(*args):
+    """The command line in its own process, as a user runs it: what libraries log reaches its stderr."""
+    command = [sys.executable, "-m", "fisedit_ray.cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+# what the libraries under the engine used to print on every run
+LIBRARY_NOISE = ("[transformers]", "torchvision", "accelerate", "indexing errors", "Loading", "it/s]")
+
+
+def test_generate_and_edit_print_only_their_own_output(tmp_path, mask_png):
+    session = tmp_path / "s"
+    made = fisedit("generate", "a red circle at the top left", "-s", session, "--steps", 2)
+    assert made.returncode == 0 and made.stderr == "", made.stderr
+    assert made.stdout.splitlines()[0] == f"v0: {session / 'versions' / 'v0' / 'image.png'}"
+    edited = fisedit(
+        "edit", "a red circle at the top left and a blue sqare", "-s", session, "--mask", mask_png
+    )
+    assert edited.returncode == 0, edited.stderr
+    assert edited.stdout.startswith("v1 (edit of v0): ")
+    warnings = edited.stderr.splitlines()
+    assert warnings and all(line.startswith("warning: ") for line in warnings), edited.stderr
+    assert any("'sqare'" in line for line in warnings)
+    too_long = fisedit("generate", " ".join(["red"] * 40), "-s", tmp_path / "long", "--steps", 2)
+    assert too_long.returncode == 2
+    assert too_long.stderr == "error: prompt is 42 tokens long; this model reads at most 32\n"
+    for run_ in (made, edited, too_long):
+        assert not any(noise in run_.stderr for noise in LIBRARY_NOISE), run_.stderr
+
+
+def test_importing_the_command_line_loads_no_model_library():
+    heavy = "{'torch', 'diffusers', 'transformers', 'fisedit_ray.engine'}"
+    code = f"import sys, fisedit_ray.cli; print(sorted({heavy} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"  # what keeps --help and argument errors fast
+
+
+def test_the_command_lines_defaults_are_the_librarys():
+    assert cli.DEFAULT_MODEL == DEFAULT_MODEL
+    assert cli.DEFAULT_DENSE_STEPS == CaptureConfig().dense_steps
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["edit"]])
+def test_help_starts_with_the_prompt_grammar(command):
+    result = run(*command, "--help")
+    assert result.exit_code == 0, result.output
+    text = result.output
+    for words in ("reads only captions of this form", "COLOUR", "a red circle at the top left"):
+        assert words in text
+    first_panel = "Options" if not command else "Arguments"
+    assert text.index("COLOUR") < text.index(first_panel)
+
+
+@pytest.mark.parametrize("command", ["generate", "edit"])
+def test_an_empty_prompt_is_one_error_for_generate_and_edit(tmp_path, command):
+    result = run(command, "  ", "--session", tmp_path / "s")
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {EMPTY_PROMPT_ERROR}\n"
+    assert not (tmp_path / "s").exists()

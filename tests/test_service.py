@@ -167,6 +167,7 @@ def test_a_session_token_reads_only_its_session(service):
 BAD_CREATE = [
     ({"seed": 1}, "prompt"),  # missing field
     ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "blank"),
     ({"prompt": "a red circle", "steps": 0}, "steps"),
     ({"prompt": "a red circle", "steps": 10_000}, "steps"),
     ({"prompt": "a red circle", "guidance": -1}, "guidance"),
