@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
+from rich.progress import Progress
 
 from fisedit_ray import EditEngine
 from fisedit_ray.deployments.batch import INPUT_SCHEMA, run_batch
@@ -135,14 +136,17 @@ def main() -> None:
     summary, rows = {"edits": len(pairs), "images": args.images}, []
     for path, mode in (("sparse", None), ("dense", "dense")):
         output = args.out / path
-        job = run_batch(
-            str(args.out / "input.parquet"),
-            output,
-            model=args.model,
-            mode=mode,
-            generators=args.generators,
-            editors=args.editors,
-        )
+        with Progress(transient=True) as bar:
+            task = bar.add_task(f"{path} images", total=None)
+            job = run_batch(
+                str(args.out / "input.parquet"),
+                output,
+                model=args.model,
+                mode=mode,
+                generators=args.generators,
+                editors=args.editors,
+                progress=lambda done, total, task=task: bar.update(task, completed=done, total=total),
+            )
         if job.skipped:
             raise SystemExit(f"{output} holds an earlier run: remove it to time this one")
         scored = score(output, pairs, path)

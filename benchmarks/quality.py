@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from rich.progress import track
 
 from fisedit_ray import EditEngine
 from fisedit_ray.detector import detect
@@ -30,7 +31,7 @@ HELD_OUT_SEED = 10**9  # training draws its scenes from a seeded stream of 62-bi
 
 def object_accuracy(engine: EditEngine, count: int, steps: int, guidance: float) -> tuple[list[dict], list]:
     rows, examples = [], []
-    for i in range(count):
+    for i in track(range(count), description="object accuracy", transient=True):
         scene = random_scene(HELD_OUT_SEED + i, min_objects=1, max_objects=3)
         image = engine.generate(
             scene.caption, seed=i, num_inference_steps=steps, guidance_scale=guidance
@@ -55,7 +56,7 @@ def object_accuracy(engine: EditEngine, count: int, steps: int, guidance: float)
 
 def regeneration_damage(engine: EditEngine, count: int, steps: int, guidance: float) -> list[dict]:
     rows = []
-    for i in range(count):
+    for i in track(range(count), description="regeneration damage", transient=True):
         kind = [k for k in EDIT_KINDS if k != "background"][i % (len(EDIT_KINDS) - 1)]
         scene = random_scene(HELD_OUT_SEED + 10**6 + i, min_objects=1, max_objects=3)
         try:
