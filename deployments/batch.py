@@ -177,7 +177,8 @@ class Edit:
                 else:
                     groups[batch_key(parent, request["mask"])].append((row, k, request))
         for members in groups.values():
-            edited = self.engine.edit_batch([(r["parent"], r["prompt"], r["mask"]) for _, _, r in members])
+            requests = [(r["parent"], r["prompt"], r["mask"]) for _, _, r in members]
+            edited = self.engine.edit_batch(requests, record=False)  # nobody edits them further
             for (row, k, request), version in zip(members, edited, strict=True):
                 rows.append(self._row(row, k, request, version))
         for row, k, request in dense:

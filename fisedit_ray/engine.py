@@ -122,6 +122,7 @@ class _SparseJob:
     plans: GatherPlans
     cache: ActivationCache
     lane: Lane | None = None
+    keep: bool = True  # record the edit's activations (its delta) for its own children
     record: dict | None = None
     macs: int | None = 0
     output: torch.Tensor | None = None
@@ -146,7 +147,7 @@ class _SparseJob:
         """Prepare step `i`: the lane the sparse pass runs."""
         t = self.run.scheduler.timesteps[i]
         self.cache.latents.append(self.run.latents)
-        self.record = {}
+        self.record = {} if self.keep else None
         reader = self.parent.cache.reader(i, engine.device, engine.dtype, self.reads)
         x = engine._model_input(self.run, t)
         self.lane = Lane(
@@ -162,7 +163,8 @@ class _SparseJob:
         noise.view(1, c, -1)[:, :, self.plans.pyramid.cells[0]] = guided_active.transpose(1, 2).to(
             noise.dtype
         )
-        self.cache.add_step(self.record)
+        if self.record is not None:
+            self.cache.add_step(self.record)
         self.cache.noise_preds.append(noise)
         stepped = self.run.scheduler.step(noise, t, self.run.latents, **self.run.step_kwargs).prev_sample
         inside = self.run.pyramid.masks[0][None, None]
@@ -312,14 +314,13 @@ class EditEngine:
         Without a mask, Target Area Capture finds the region the prompt change affects (`capture`
         configures it; with a mask, `capture.combine` may also union or intersect the two). An
         unmasked edit whose prompt reads as the parent's (same tokens) has an empty mask: the
-        parent's latents and image (in sparse mode without a U-Net pass). `record=False` (dense
-        mode only) keeps no activation cache: a plain regeneration. `stats["warnings"]`: see
+        parent's latents and image (in sparse mode without a U-Net pass). `record=False` keeps no
+        activation cache (the same image, sooner, for a version that will not be edited sparsely:
+        a plain regeneration in dense mode, a batch job's last edit). `stats["warnings"]`: see
         `prompt_warnings`."""
         warnings = self.prompt_warnings(prompt)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not record and mode != "dense":
-            raise ValueError(f"only dense edits can skip recording, not {mode!r} ones")
         if mode != "dense":
             _check_cached(parent)
         _check_output_type(output_type)
@@ -340,10 +341,10 @@ class EditEngine:
                 chain = _dense_lineage(parent)
                 specs = [_spec(self._encode(v.prompt, settings), _pyramid_of(v)) for v in chain]
                 cache = ActivationCache.delta_of(parent.cache, pyramid.cells, self.cache_device)
-                macs = self._run_dense([*specs, _spec(embeds, pyramid)], settings, cache, progress=progress)
+                macs = self._run_dense([*specs, _spec(embeds, pyramid)], settings, cache, record, progress)
         else:
             with phases("sparse_steps"):
-                ((cache, macs),) = self._run_sparse([(parent, embeds, pyramid)], progress)
+                ((cache, macs),) = self._run_sparse([(parent, embeds, pyramid)], progress, record)
         with phases("decode"):
             image = self._image(cache, parent, latent_mask, mode, output_type)
         macs["executed"] += found["capture_macs"]
@@ -416,13 +417,15 @@ class EditEngine:
         capture: CaptureConfig | None = None,
         output_type: str = "pil",
         progress: Progress | None = None,
+        record: bool = True,
     ) -> list[Version]:
         """Sparse edits `(parent, prompt, mask)` run together: each denoising step is one sparse pass
         over all of them (`SparseUNet.run_lanes`), so the weights are read once per step for the
         whole batch. Each result equals its edit run alone up to float rounding of the batched
         GEMMs. A mask of None is captured as in `edit`, each edit alone. The parents must share
         their number of steps and whether guidance is on. Seconds in the stats are the batch's;
-        `batch_size` says how many ran together. `progress` follows the batch's steps."""
+        `batch_size` says how many ran together. `progress` follows the batch's steps; `record` as
+        in `edit`."""
         _check_output_type(output_type)
         for parent, _, _ in requests:
             _check_cached(parent)
@@ -442,7 +445,7 @@ class EditEngine:
                 (parent, e, pyramid)
                 for (parent, _, _), e, pyramid in zip(requests, embeds, pyramids, strict=True)
             ]
-            results = self._run_sparse(jobs, progress)
+            results = self._run_sparse(jobs, progress, record)
         with phases("decode"):
             images = [
                 self._image(cache, parent, latent_mask, "sparse", output_type)
@@ -764,7 +767,10 @@ class EditEngine:
         return _macs(sum(per_run_macs), per_run_macs[-1], steps)
 
     def _run_sparse(
-        self, jobs: list[tuple[Version, torch.Tensor, MaskPyramid]], progress: Progress | None = None
+        self,
+        jobs: list[tuple[Version, torch.Tensor, MaskPyramid]],
+        progress: Progress | None = None,
+        record: bool = True,
     ) -> list[tuple[ActivationCache, dict]]:
         """Sparse phase of edits `(parent, embeds, pyramid)`, in lockstep: every step runs the
         non-empty ones in one sparse pass (`SparseUNet.run_lanes`). Step 0 runs each alone under the
@@ -782,12 +788,14 @@ class EditEngine:
                 cache.steps = [{} for _ in range(steps)]
                 results[j] = (cache, _macs(0, parent.stats["unet_macs_per_step"], steps))
             elif pyramid.full:  # nothing kept: the same computation as a dense pass, which runs it faster
-                dense = self._run_dense([_spec(embeds, None)], parent.settings, cache, progress=progress)
+                dense = self._run_dense([_spec(embeds, None)], parent.settings, cache, record, progress)
                 results[j] = (cache, dense)
             else:
                 run = self._start(_spec(embeds, pyramid), parent.settings)
                 plans = GatherPlans(pyramid, self.device, self.dtype, padded=self.step_program is not None)
-                lanes.append(_SparseJob(j, parent, run, plans, cache))
+                if not record:
+                    cache.planned_steps = None
+                lanes.append(_SparseJob(j, parent, run, plans, cache, keep=record))
         if len({job.parent.cache.num_steps for job in lanes}) > 1:
             raise ValueError("edits run together must have the same number of denoising steps")
         if len({job.run.embeds.shape[0] for job in lanes}) > 1:

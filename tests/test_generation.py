@@ -5,6 +5,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
 from fisedit_ray import EditEngine
+from fisedit_ray.masks import blob_mask
 from fisedit_ray.models import SD_SCHEDULER_CONFIG, build_tiny_pipeline
 
 SCHEDULERS = {
@@ -75,8 +76,29 @@ def test_a_plain_generation_records_nothing_and_edits_only_densely(engine):
         engine.edit(plain, "a red circle", mask=everywhere)
     with pytest.raises(ValueError, match="keeps no activation cache"):
         engine.edit_batch([(plain, "a red circle", everywhere)])
-    with pytest.raises(ValueError, match="only dense edits can skip recording"):
-        engine.edit(recorded, "a red circle", mask=everywhere, record=False)
+
+
+def test_an_edit_that_records_nothing_is_the_same_edit(engine):
+    """A sparse (or reference) edit with `record=False` computes the same image and keeps no cache:
+    what a batch job does for edits nobody edits further."""
+    parent = engine.generate("a blue square at the center", seed=4, num_inference_steps=3)
+    child = engine.edit(parent, "a red circle", mask=blob_mask((16, 16), 0.2, seed=2))
+    for version, mask in (
+        (parent, blob_mask((16, 16), 0.2, seed=1)),
+        (child, torch.ones(16, 16, dtype=torch.bool)),
+    ):
+        for mode in ("sparse", "reference"):
+            kept = engine.edit(version, "a green square", mask=mask, mode=mode)
+            plain = engine.edit(version, "a green square", mask=mask, mode=mode, record=False)
+            assert torch.equal(plain.latents, kept.latents) and plain.image.tobytes() == kept.image.tobytes()
+            assert plain.cache.steps == [] and plain.stats["macs_executed"] == kept.stats["macs_executed"]
+            with pytest.raises(ValueError, match="keeps no activation cache"):
+                engine.edit(plain, "a red square", mask=mask)
+    requests = [(parent, "a green square", blob_mask((16, 16), 0.2, seed=s)) for s in (1, 3)]
+    engine.edit_batch(requests)  # first: step 0 runs each edit alone, under the MAC counter
+    kept, plain = engine.edit_batch(requests), engine.edit_batch(requests, record=False)
+    for a, b in zip(kept, plain, strict=True):
+        assert torch.equal(a.latents, b.latents) and b.cache.steps == []
 
 
 @pytest.mark.parametrize(
