@@ -221,3 +221,12 @@ def test_the_page_and_its_files_are_served_without_a_session(service):
     # the page names only its own files: nothing from the network
     html = page.text
     assert "http://" not in html and "https://" not in html
+
+
+def test_a_prompt_outside_the_scenes_grammar_is_served_with_warnings(service):
+    made = httpx.post(f"{service}/v1/sessions", json={"prompt": "a gren circle", "steps": 2}, timeout=120)
+    assert made.status_code == 201, made.text
+    warnings = made.json()["warnings"]
+    assert warnings and all('try "a green circle at the center"' in w for w in warnings), warnings
+    fine = httpx.post(f"{service}/v1/sessions", json={"prompt": BASE, "steps": 2}, timeout=120).json()
+    assert fine["warnings"] == []
