@@ -184,7 +184,7 @@ def main() -> None:
     )
 
 
-def _mean(rows: list[dict], key: str, fmt: str) -> str:
+def _cell_mean(rows: list[dict], key: str, fmt: str) -> str:
     values = [r[key] for r in rows if r.get(key) is not None and not np.isnan(r[key])]
     return format(np.mean(values), fmt) if values else "-"
 
@@ -206,9 +206,9 @@ def kind_table(rows: list[dict]) -> str:
             ("untouched_abs_pixel_diff", ".2f"),
             ("untouched_detection_changed", ".1%"),
         ):
-            cells.append(f"{_mean(sparse, key, fmt)} / {_mean(dense, key, fmt)}")
-        cells += [_mean(sparse, key, ".3f") for key in ("mask_ratio", "mask_recall", "mask_iou")]
-        cells.append(f"{_mean(sparse, 'seconds', '.2f')} / {_mean(dense, 'seconds', '.2f')}")
+            cells.append(f"{_cell_mean(sparse, key, fmt)} / {_cell_mean(dense, key, fmt)}")
+        cells += [_cell_mean(sparse, key, ".3f") for key in ("mask_ratio", "mask_recall", "mask_iou")]
+        cells.append(f"{_cell_mean(sparse, 'seconds', '.2f')} / {_cell_mean(dense, 'seconds', '.2f')}")
         lines.append(f"| {' | '.join(cells)} |")
     return "\n".join(lines)
 
