@@ -399,7 +399,6 @@ def batch(
     """Edit at volume on Ray Data; a rerun on the same output resumes (see README, "Batch editing")."""
     try:
         import ray
-        from rich.progress import Progress
 
         from fisedit_ray.deployments.batch import run_batch
     except ImportError as e:
@@ -408,8 +407,7 @@ def batch(
         raise _fail(f"no input at {input_path}")
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
-        with Progress() as bar:
-            task = bar.add_task("images", total=None)
+        with _progress_bars() as progress_bar:
             summary = run_batch(
                 str(input_path),
                 output,
@@ -420,7 +418,7 @@ def batch(
                 cpus_per_actor=cpus_per_actor,
                 gpus_per_actor=gpus_per_actor,
                 cache_dtype=cache_dtype,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                progress=progress_bar("images"),
             )
     except ValueError as e:
         raise _fail(str(e)) from e
